@@ -1,0 +1,25 @@
+"""optax_neuron: composable Optax gradient transformations that know about neurons.
+
+The public API. ``optax_neuron.fan_in`` holds the fan-in rules and presets.
+"""
+
+from optax_neuron import fan_in
+from optax_neuron.fan_in import fan_in_axes, resolve_fan_in
+
+# --- neuron_mean (issue 3) ---
+
+# --- grad_stats (issue 4) ---
+
+# --- rso (issue 5) ---
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "fan_in",
+    "fan_in_axes",
+    "resolve_fan_in",
+    # --- neuron_mean names ---
+    # --- grad_stats names ---
+    # --- rso names ---
+]
