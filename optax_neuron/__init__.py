@@ -7,6 +7,7 @@ from optax_neuron import fan_in
 from optax_neuron.fan_in import fan_in_axes, resolve_fan_in
 
 # --- neuron_mean (issue 3) ---
+from optax_neuron.neuron_mean import NeuronMeanTraceState, neuron_mean_sgd, neuron_mean_trace
 
 # --- grad_stats (issue 4) ---
 
@@ -20,6 +21,9 @@ __all__ = [
     "fan_in_axes",
     "resolve_fan_in",
     # --- neuron_mean names ---
+    "NeuronMeanTraceState",
+    "neuron_mean_sgd",
+    "neuron_mean_trace",
     # --- grad_stats names ---
     # --- rso names ---
 ]
