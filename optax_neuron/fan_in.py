@@ -23,6 +23,14 @@ Paths are normalised to ``/``-joined strings such as ``encoder/layers/0/kernel``
 Presets: :data:`FLAX` (the default; Flax NNX and Linen, and Haiku's ``w``/``b``)
 and :data:`TORCH` (out-first layouts: Equinox modules, PyTorch state dicts).
 
+Path and rank cannot tell everything apart. A standalone ``nnx.LinearGeneral``
+with several output axes, e.g. ``in_features=8, out_features=(2, 4)``, has a
+kernel ``(8, 2, 4)`` named ``kernel``, like a 1-D convolution ``(width, in,
+out)``; the default rule gives it ``ALL_BUT_LAST = (0, 1)``, but its fan-in is
+axis 0 only. Give such a layer its own rule before the preset, e.g.
+``fan_in=[("*proj/kernel", (0,)), *FLAX]`` for a layer stored as ``proj``.
+(Attention ``query``/``key``/``value`` kernels have such a rule in :data:`FLAX`.)
+
 Every transformation of the library takes ``fan_in=`` and hands it to
 :func:`resolve_fan_in`, which accepts ``None`` (the default preset), a rules
 list, a tree of axes, or a callable ``params -> tree of axes``.
@@ -307,38 +315,54 @@ def resolve_fan_in(fan_in: Any, tree: Any) -> Any:
     """
     if fan_in is None or _is_rules(fan_in):
         return fan_in_axes(tree, fan_in)
-    if callable(fan_in) and not isinstance(fan_in, NamedAxes):
+    if callable(fan_in) and _is_axes_leaf(fan_in):  # a function, not a callable pytree (Equinox module)
         fan_in = fan_in(tree)
         if _is_rules(fan_in):
             return fan_in_axes(tree, fan_in)
     return _axes_from_tree(fan_in, tree)
 
 
-def _is_spec(x: Any) -> bool:
-    return x is None or isinstance(x, (tuple, int, NamedAxes)) or callable(x)
+def _is_axes_leaf(x: Any) -> bool:
+    """A leaf of a fan_in tree: None, an int, a tuple of ints, a named constant or a plain callable."""
+    if x is None or isinstance(x, (int, NamedAxes)):
+        return True
+    if isinstance(x, tuple):
+        return all(isinstance(a, int) for a in x)
+    # Callable pytree nodes (Equinox modules, NNX Variables) are containers, not specs.
+    return callable(x) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
 
 
 def _axes_from_tree(spec_tree: Any, tree: Any) -> Any:
     leaves, treedef = _leaves_with_paths(tree)
-    specs, _ = jax.tree_util.tree_flatten_with_path(spec_tree, is_leaf=_is_spec)
-    tree_paths = [path_str(p) for p, _ in leaves]
-    spec_paths = [path_str(p) for p, _ in specs]
-    if tree_paths != spec_paths:
+    try:
+        # Flatten the specs *up to* the parameters' structure, so that tuple
+        # containers (Equinox MLP layers, tuple params) and callable pytree
+        # nodes (Equinox modules) are walked into rather than taken as specs.
+        specs = treedef.flatten_up_to(spec_tree)
+    except (ValueError, TypeError) as err:
+        tree_paths = [path_str(p) for p, _ in leaves]
+        spec_paths = [
+            path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(spec_tree, is_leaf=_is_axes_leaf)[0]
+        ]
         missing = sorted(set(tree_paths) - set(spec_paths))
         extra = sorted(set(spec_paths) - set(tree_paths))
         raise ValueError(
             "the fan_in tree does not match the structure of the parameters: "
-            f"parameters without axes: {missing[:5]}, axes without parameters: {extra[:5]}"
-            + ("" if missing or extra else f"; order or count differs ({len(spec_paths)} vs {len(tree_paths)} leaves)")
-        )
+            f"parameters without axes: {missing[:5]}, axes without parameters: {extra[:5]} ({err})"
+        ) from None
     out = []
-    for (path, leaf), (_, spec) in zip(leaves, specs):
+    for (path, leaf), spec in zip(leaves, specs):
         p = path_str(path)
         if leaf is None or spec is None:
             if (leaf is None) != (spec is None):
                 raise ValueError(f"the fan_in tree has {spec!r} for parameter {p!r}, which is {leaf!r}")
             out.append(None)
             continue
+        if not (_is_axes_leaf(spec) or (isinstance(spec, list) and all(isinstance(a, int) for a in spec))):
+            raise ValueError(
+                f"the fan_in tree does not match the structure of the parameters: it has {spec!r} "
+                f"for parameter {p!r}, expected axes (int, tuple of ints, named constant or callable)"
+            )
         shape = _shape(leaf)
         out.append(_normalise(_axes_of(spec, shape), shape, p))
     return jax.tree_util.tree_unflatten(treedef, out)
