@@ -10,6 +10,17 @@ from optax_neuron.fan_in import fan_in_axes, resolve_fan_in
 from optax_neuron.neuron_mean import NeuronMeanTraceState, neuron_mean_sgd, neuron_mean_trace
 
 # --- grad_stats (issue 4) ---
+from optax_neuron import grad_stats
+from optax_neuron.grad_stats import (
+    GradientNormsState,
+    RunningGradientMeanState,
+    gradient_norms,
+    leaf_norms,
+    metrics,
+    neuron_norms,
+    running_gradient_mean,
+)
+from optax_neuron.tensorboard import summary_writer, write_metrics
 
 # --- rso (issue 5) ---
 
@@ -25,5 +36,15 @@ __all__ = [
     "neuron_mean_sgd",
     "neuron_mean_trace",
     # --- grad_stats names ---
+    "GradientNormsState",
+    "RunningGradientMeanState",
+    "grad_stats",
+    "gradient_norms",
+    "leaf_norms",
+    "metrics",
+    "neuron_norms",
+    "running_gradient_mean",
+    "summary_writer",
+    "write_metrics",
     # --- rso names ---
 ]
