@@ -23,6 +23,7 @@ from optax_neuron.grad_stats import (
 from optax_neuron.tensorboard import summary_writer, write_metrics
 
 # --- rso (issue 5) ---
+from optax_neuron.rso import LayerStack, RSOState, rso, rso_init
 
 __version__ = "0.1.0"
 
@@ -47,4 +48,8 @@ __all__ = [
     "summary_writer",
     "write_metrics",
     # --- rso names ---
+    "LayerStack",
+    "RSOState",
+    "rso",
+    "rso_init",
 ]

@@ -1,0 +1,542 @@
+"""RSO: gradient-free random search over single weights, as an Optax transformation.
+
+RSO (Tripathi & Singh, 2020, "RSO: A Gradient Free Sampling Based Approach For
+Training Deep Neural Networks", https://arxiv.org/abs/2005.05955) trains a network
+without gradients. It visits the weights one at a time, from the last layer to
+the first, and for weight ``w`` of leaf ``d`` draws ``dw ~ N(0, sigma_d)`` and keeps
+
+.. math::
+
+    w \\leftarrow \\operatorname{argmin}_{v \\in \\{w,\\, w + dw,\\, w - dw\\}} F(v)
+
+where ``F`` is the loss on a minibatch and ``sigma_d`` is the standard deviation of
+leaf ``d`` at initialisation (the weights start from ``N(0, sqrt(2 / fan_in))``,
+see :func:`rso_init`). One *cycle* visits every searched weight once.
+
+:func:`rso` is an ``optax.GradientTransformationExtraArgs``: its ``update`` ignores
+the incoming updates, runs the search for ``weights_per_step`` weights inside one
+traced loop (jit your step: one compiled call per ``update``) and returns
+``new_params - params``, so ``optax.apply_updates`` and ``nnx.Optimizer.update``
+apply it. The loss comes in as the extra argument ``value_fn``.
+
+**PRNG scheme** (exact, so that the search can be replayed by hand). With
+``base = jax.random.key(seed)``, the weight at position ``n`` (0-based, in the
+visiting order) of cycle ``c`` uses::
+
+    k = jax.random.fold_in(jax.random.fold_in(base, c), n)
+    k_step, k_batch = jax.random.split(k)
+    z = jax.random.normal(k_step, (), jnp.float32)
+    dw = (sigma_d * anneal(c)) * z          # float32, then cast to the leaf dtype
+
+``k_batch`` is handed to ``value_fn(params, k_batch)`` when ``per_weight_batch=True``.
+
+**Visiting order.** The searched leaves (see ``search=``) are taken in reverse tree
+order (last layer first) unless ``order=`` says otherwise; inside a leaf, the
+elements in row-major (``ravel``) order. The position ``n`` runs over the
+concatenation, ``0 <= n < N`` (``N`` = number of searched weights).
+
+**Candidates and choice.** The transformation accumulates the update ``u`` of the
+call (zero at the start of the call) and evaluates ``params + (u +/- dw)`` at the
+searched element, the value ``optax.apply_updates`` will produce. The choice is
+``w + dw`` if ``F(w + dw) < F(w)``, then ``w - dw`` if ``F(w - dw)`` is strictly
+below the best so far: ties and NaN keep ``w``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_neuron.fan_in import fan_in_size, first_match, path_str, resolve_fan_in
+
+__all__ = ["LayerStack", "RSOState", "rso", "rso_init"]
+
+SigmaSpec = Union[None, float, Sequence[tuple[str, Union[float, None]]]]
+
+
+class RSOState(NamedTuple):
+    """State of :func:`rso`.
+
+    Attributes:
+      rso_cursor: position ``n`` of the next weight in the visiting order (int32).
+      rso_cycle: number of completed cycles (int32).
+      rso_sigma: ``{path: sigma_d}`` (float32) for every searched leaf, fixed at ``init``.
+      rso_accepted: ``{path: count}`` (int32): accepted proposals per searched leaf.
+      rso_loss: the loss of the parameters returned by the last ``update`` (float32;
+        with ``per_weight_batch=True`` on the last weight's minibatch; NaN before).
+    """
+
+    rso_cursor: jax.Array
+    rso_cycle: jax.Array
+    rso_sigma: dict[str, jax.Array]
+    rso_accepted: dict[str, jax.Array]
+    rso_loss: jax.Array
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+_ALWAYS = ("kernel", "w", "scale", "offset")
+_BIAS = ("bias", "b")
+
+
+def _default_search(paths: Sequence[str]) -> list[bool]:
+    """Kernels and norm parameters; a bias only when it sits beside a ``scale``."""
+    present = set(paths)
+    out = []
+    for p in paths:
+        parent, _, name = p.rpartition("/")
+        if name in _ALWAYS:
+            out.append(True)
+        elif name in _BIAS:
+            out.append((f"{parent}/scale" if parent else "scale") in present)
+        else:
+            out.append(False)
+    return out
+
+
+def _check_rules(name: str, rules: Any) -> tuple:
+    ok = isinstance(rules, (list, tuple)) and all(
+        isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) for r in rules
+    )
+    if not ok:
+        raise TypeError(f"{name}= must be a list of (glob, value) rules, got {rules!r}")
+    return tuple(rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static (trace-time) description of the search over one parameter tree."""
+
+    treedef: Any
+    paths: tuple[str, ...]  # every leaf, tree order
+    visit: tuple[int, ...]  # flat leaf indices of the searched leaves, visiting order
+    sizes: np.ndarray  # elements per visited leaf
+    starts: np.ndarray  # first position of each visited leaf
+
+    @property
+    def total(self) -> int:
+        return int(self.sizes.sum())
+
+
+def _make_plan(params: Any, search: Any, order: Any) -> tuple[_Plan, list]:
+    leaves_p, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
+    paths = tuple(path_str(p) for p, _ in leaves_p)
+    leaves = [x for _, x in leaves_p]
+    if search is None:
+        flags = _default_search(paths)
+    else:
+        rules = _check_rules("search", search)
+        flags = [bool(first_match(p, rules)[1]) for p in paths]
+    searched = [i for i, (f, x) in enumerate(zip(flags, leaves)) if f and x is not None]
+    for i in searched:
+        dtype = jnp.asarray(leaves[i]).dtype if not hasattr(leaves[i], "dtype") else leaves[i].dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"rso searches parameter {paths[i]!r} but its dtype is {dtype}; "
+                            "only floating leaves can be searched (exclude it with search=)")
+    if not searched:
+        raise ValueError(f"rso: no parameter is searched (paths: {list(paths)[:8]}); pass search=[(glob, True), ...]")
+    if order is None or order == "reverse":
+        visit = searched[::-1]
+    elif order == "forward":
+        visit = list(searched)
+    else:
+        globs = order
+        if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
+            raise TypeError(f"order= must be None, 'reverse', 'forward' or a list of globs, got {order!r}")
+        visit = []
+        for g in globs:
+            visit += [i for i in searched if i not in visit and first_match(paths[i], [(g, True)])[0]]
+        missing = [paths[i] for i in searched if i not in visit]
+        if missing:
+            raise ValueError(f"order= globs {list(globs)} match no entry for searched parameter(s) {missing}; "
+                             "add a glob for them or exclude them with search=")
+    sizes = np.array([int(np.prod(np.shape(leaves[i]))) for i in visit], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return _Plan(treedef, paths, tuple(visit), sizes, starts), leaves
+
+
+def _sigma_of(spec: SigmaSpec, path: str, leaf: Any) -> Any:
+    value = None
+    if spec is not None and not isinstance(spec, (list, tuple)):
+        value = spec
+    elif spec is not None:
+        value = first_match(path, _check_rules("sigma", spec))[1]
+    if value is None:
+        s = jnp.std(jnp.asarray(leaf, jnp.float32))
+        if not isinstance(s, jax.core.Tracer) and not float(s) > 0:
+            raise ValueError(
+                f"rso: parameter {path!r} has standard deviation {float(s)} at init, so its default "
+                "sigma (the std at init) would never move it. Initialise it with rso_init, give it an "
+                f"explicit step with sigma=[({path!r}, 0.1), ('*', None)], or exclude it with search=."
+            )
+        return s
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"rso: sigma for parameter {path!r} must be a positive finite float, got {value!r}")
+    return jnp.float32(value)
+
+
+class LayerStack:
+    """A loss built from a stack of layers: RSO's fast path.
+
+    ``LayerStack(layers, loss, inputs, targets)(params)`` computes
+    ``loss(f_{L-1}(params, ... f_0(params, inputs)), targets)``. Passed to
+    :func:`rso` as ``value_fn`` it is an ordinary loss (the black-box path gives
+    the same result), but the search then caches the activation entering the
+    layer that owns the searched weight and re-runs only that layer and the
+    ones after it for each candidate. The owner of a leaf is the first layer
+    whose computation reads it (found by tracing each layer once).
+
+    It is a pytree: ``inputs`` and ``targets`` are its leaves, the functions are
+    static, so a jitted step taking the batch as an argument compiles once.
+
+    Args:
+      layers: sequence of functions ``f_i(params, h) -> h`` (each reads its own
+        part of the full parameter tree).
+      loss: ``loss(out, targets) -> scalar``.
+      inputs: the minibatch inputs entering ``layers[0]``.
+      targets: anything the loss needs (labels), a pytree of arrays.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> layers = [lambda p, h: jnp.maximum(h @ p["l0"]["kernel"], 0),
+      ...           lambda p, h: h @ p["l1"]["kernel"]]
+      >>> mse = lambda out, y: jnp.mean((out - y) ** 2)
+      >>> params = {"l0": {"kernel": jnp.ones((3, 4))}, "l1": {"kernel": jnp.ones((4, 1))}}
+      >>> float(LayerStack(layers, mse, jnp.ones((2, 3)), jnp.zeros((2, 1)))(params))
+      144.0
+    """
+
+    def __init__(self, layers: Sequence[Callable], loss: Callable, inputs: Any, targets: Any = None):
+        self.layers = tuple(layers)
+        self.loss = loss
+        self.inputs = inputs
+        self.targets = targets
+
+    def activations(self, params: Any) -> tuple[list, jax.Array]:
+        """The input of every layer, and the loss."""
+        h, acts = self.inputs, []
+        for f in self.layers:
+            acts.append(h)
+            h = f(params, h)
+        return acts, self.loss(h, self.targets)
+
+    def from_layer(self, k: int, params: Any, h: Any) -> jax.Array:
+        """The loss, starting from ``h`` entering ``layers[k]``."""
+        for f in self.layers[k:]:
+            h = f(params, h)
+        return self.loss(h, self.targets)
+
+    def __call__(self, params: Any) -> jax.Array:
+        return self.activations(params)[1]
+
+    def tree_flatten(self):
+        return (self.inputs, self.targets), (self.layers, self.loss)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(aux[0], aux[1], *children)
+
+
+jax.tree_util.register_pytree_node_class(LayerStack)
+
+
+def _owners(stack: LayerStack, params: Any, leaves: list, treedef: Any) -> list[int]:
+    """For every parameter leaf, the first layer reading it (len(layers) if none)."""
+    n = len(leaves)
+    owner = [len(stack.layers)] * n
+    h = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), stack.inputs)
+    for k, f in enumerate(stack.layers):
+        def g(flat, x, f=f):
+            return f(jax.tree_util.tree_unflatten(treedef, flat), x)
+        closed = jax.make_jaxpr(g)(leaves, h)
+        jaxpr = closed.jaxpr
+        used = set()
+        for eqn in jaxpr.eqns:
+            used.update(id(v) for v in eqn.invars)
+        used.update(id(v) for v in jaxpr.outvars)
+        flat_in = jaxpr.invars[: len([x for x in leaves if x is not None])]
+        it = iter(flat_in)
+        for i, x in enumerate(leaves):
+            if x is None:
+                continue
+            v = next(it)
+            if owner[i] == len(stack.layers) and id(v) in used:
+                owner[i] = k
+        h = jax.eval_shape(g, leaves, h)
+    return owner
+
+
+def rso(
+    *,
+    seed: int = 0,
+    weights_per_step: int = 1,
+    sigma: SigmaSpec = None,
+    anneal: Callable[[jax.Array], Any] | None = None,
+    order: Any = None,
+    search: Sequence[tuple[str, bool]] | None = None,
+    per_weight_batch: bool = False,
+    use_layer_cache: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """RSO random search as an Optax transformation (see the module docstring).
+
+    Each ``update`` searches the next ``weights_per_step`` weights of the cycle:
+    for weight ``w`` of leaf ``d`` it draws ``dw = sigma_d * anneal(c) * z``,
+    ``z ~ N(0, 1)``, and keeps the argmin of ``F(w), F(w + dw), F(w - dw)``
+    (strict comparisons: ties and NaN keep ``w``).
+
+    Args:
+      seed: seed of the PRNG scheme (module docstring); same seed, same search.
+      weights_per_step: weights searched per ``update`` call (inside one loop).
+      sigma: ``None`` (the std of each searched leaf at ``init``, the paper's
+        ``sigma_d``), a float for every leaf, or rules ``[(glob, float | None)]``
+        (``None`` or no match: std at init).
+      anneal: ``cycle -> factor`` multiplying sigma, e.g.
+        ``optax.linear_schedule(1.0, 0.1, num_cycles)`` as in the official code.
+      order: ``None``/``"reverse"`` (last leaf of the tree first, the paper's
+        last-layer-first), ``"forward"``, or a list of globs: leaves are visited
+        in the order of the first glob they match, tree order within one glob.
+      search: rules ``[(glob, bool)]`` choosing the searched leaves (no match: not
+        searched). Default: ``kernel``/``w`` leaves, norm ``scale``/``offset``, and a
+        ``bias`` only beside a ``scale`` (norm layers; dense/conv biases are not
+        searched, as in the official code).
+      per_weight_batch: ``False``: ``value_fn(params)`` is the loss on the call's
+        minibatch, reused for all its weights (two evaluations per weight, the
+        current loss is carried). ``True``: ``value_fn(params, key)`` draws a fresh
+        minibatch from ``key`` (the weight's ``k_batch``), e.g. indexing
+        device-resident data; three evaluations per weight, as in the paper.
+      use_layer_cache: when ``value_fn`` is a :class:`LayerStack` (and
+        ``per_weight_batch=False``), cache the activation entering the searched
+        layer and re-run only the layers from it on (the same result, faster).
+
+    Returns:
+      A ``GradientTransformationExtraArgs``; ``update(updates, state, params, *,
+      value_fn, **extra)`` ignores ``updates`` and returns ``new_params - params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 2))
+      >>> params = rso_init(jax.random.key(0), {"dense": {"kernel": jnp.zeros((3, 2))}})
+      >>> loss = lambda p: jnp.mean((x @ p["dense"]["kernel"] - y) ** 2)
+      >>> tx = rso(weights_per_step=6)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params, value_fn=loss)
+      >>> bool(loss(optax.apply_updates(params, updates)) <= loss(params))
+      True
+    """
+    if not isinstance(weights_per_step, (int, np.integer)) or isinstance(weights_per_step, bool) or weights_per_step < 1:
+        raise ValueError(f"rso: weights_per_step must be a positive int, got {weights_per_step!r}")
+    if sigma is not None and isinstance(sigma, (list, tuple)):
+        _check_rules("sigma", sigma)
+    if search is not None:
+        _check_rules("search", search)
+    if anneal is not None and not callable(anneal):
+        raise TypeError(f"rso: anneal must be a callable cycle -> factor, got {anneal!r}")
+    weights_per_step = int(weights_per_step)
+
+    def init_fn(params):
+        plan, leaves = _make_plan(params, search, order)
+        sig = {plan.paths[i]: _sigma_of(sigma, plan.paths[i], leaves[i]) for i in plan.visit}
+        return RSOState(
+            rso_cursor=jnp.zeros([], jnp.int32),
+            rso_cycle=jnp.zeros([], jnp.int32),
+            rso_sigma=sig,
+            rso_accepted={plan.paths[i]: jnp.zeros([], jnp.int32) for i in plan.visit},
+            rso_loss=jnp.full([], jnp.nan, jnp.float32),
+        )
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        del updates, extra_args
+        if params is None:
+            raise ValueError("rso needs the current parameters: call update(updates, state, params, value_fn=...)")
+        if value_fn is None or not callable(value_fn):
+            raise ValueError(
+                "rso needs value_fn=, the loss of the parameters on the current minibatch: "
+                "update(updates, state, params, value_fn=lambda p: loss(p, batch))"
+                + (" (or value_fn(params, key) with per_weight_batch=True)" if per_weight_batch else "")
+            )
+        plan, leaves = _make_plan(params, search, order)
+        missing = [plan.paths[i] for i in plan.visit if plan.paths[i] not in state.rso_sigma]
+        if missing:
+            raise ValueError(f"rso: parameters {missing} are searched but not in the state; was init called with these params?")
+        key_args = (jax.random.key(0),) if per_weight_batch else ()
+        try:
+            out = jax.eval_shape(value_fn, params, *key_args)
+        except TypeError as e:
+            raise TypeError(
+                f"rso: calling value_fn({'params, key' if per_weight_batch else 'params'}) failed: {e}"
+            ) from e
+        if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+            raise ValueError(f"rso: value_fn must return a scalar floating loss, got {out}")
+        layered = isinstance(value_fn, LayerStack) and use_layer_cache and not per_weight_batch
+        return _search(plan, leaves, state, value_fn, layered)
+
+    def _search(plan: _Plan, leaves: list, state: RSOState, value_fn, layered: bool):
+        vis = plan.visit
+        nv = len(vis)
+        total = plan.total
+        p0 = [jnp.ravel(leaves[i]) for i in vis]
+        dtypes = [x.dtype for x in p0]
+        sig = jnp.stack([state.rso_sigma[plan.paths[i]] for i in vis]).astype(jnp.float32)
+        ends = jnp.asarray(plan.starts + plan.sizes, jnp.int32)
+        starts = jnp.asarray(plan.starts, jnp.int32)
+        base = jax.random.key(seed)
+
+        def tree_of(flat_vis):
+            out = list(leaves)
+            for t, i in enumerate(vis):
+                out[i] = flat_vis[t].reshape(jnp.shape(leaves[i]))
+            return jax.tree_util.tree_unflatten(plan.treedef, out)
+
+        if layered:
+            owner_all = _owners(value_fn, tree_of(p0), list(leaves), plan.treedef)
+            owner = jnp.asarray([owner_all[i] for i in vis], jnp.int32)
+            n_layers = len(value_fn.layers)
+
+        def evaluate(cur, key, acts, k):
+            params = tree_of(cur)
+            if layered:
+                branches = [
+                    (lambda a, p, kk=kk: value_fn.from_layer(kk, p, a[kk])) for kk in range(n_layers)
+                ]
+                return jax.lax.switch(jnp.minimum(k, n_layers - 1), branches, acts, params)
+            if per_weight_batch:
+                return value_fn(params, key)
+            return value_fn(params)
+
+        def body(_, carry):
+            cursor, cycle, cur, u, acc, loss, acts, acts_layer = carry
+            j = jnp.searchsorted(ends, cursor, side="right").astype(jnp.int32)
+            i = cursor - starts[j]
+            k = jax.random.fold_in(jax.random.fold_in(base, cycle), cursor)
+            k_step, k_batch = jax.random.split(k)
+            z = jax.random.normal(k_step, (), jnp.float32)
+            factor = jnp.float32(1.0) if anneal is None else jnp.asarray(anneal(cycle), jnp.float32)
+            dw = (sig[j] * factor) * z
+
+            idx = [jnp.clip(i, 0, int(s) - 1) for s in plan.sizes]
+            hit = [j == t for t in range(nv)]
+
+            def candidate(sign):
+                new_u, new_cur = [], []
+                for t in range(nv):
+                    d = dw.astype(dtypes[t])
+                    ut = u[t][idx[t]] + d if sign > 0 else u[t][idx[t]] - d
+                    ct = p0[t][idx[t]] + ut
+                    new_u.append(jnp.where(hit[t], u[t].at[idx[t]].set(ut), u[t]))
+                    new_cur.append(jnp.where(hit[t], cur[t].at[idx[t]].set(ct), cur[t]))
+                return new_cur, new_u
+
+            if layered:
+                lk = owner[j]
+                acts, acts_layer = jax.lax.cond(
+                    lk == acts_layer,
+                    lambda: (acts, acts_layer),
+                    lambda: (tuple(value_fn.activations(tree_of(cur))[0]), lk),
+                )
+            else:
+                lk = None
+            if per_weight_batch:
+                loss = evaluate(cur, k_batch, acts, lk)
+            plus_cur, plus_u = candidate(+1)
+            minus_cur, minus_u = candidate(-1)
+            l_plus = evaluate(plus_cur, k_batch, acts, lk)
+            l_minus = evaluate(minus_cur, k_batch, acts, lk)
+            take_plus = l_plus < loss
+            best = jnp.where(take_plus, l_plus, loss)
+            take_minus = l_minus < best
+            best = jnp.where(take_minus, l_minus, best)
+
+            def pick(a, b, c):
+                return [jnp.where(take_minus, cc, jnp.where(take_plus, bb, aa)) for aa, bb, cc in zip(a, b, c)]
+
+            cur = pick(cur, plus_cur, minus_cur)
+            u = pick(u, plus_u, minus_u)
+            acc = acc.at[j].add((take_plus | take_minus).astype(jnp.int32))
+            cursor = cursor + 1
+            wrap = cursor >= total
+            cycle = jnp.where(wrap, cycle + 1, cycle)
+            cursor = jnp.where(wrap, 0, cursor)
+            return cursor, cycle, cur, u, acc, best, acts, acts_layer
+
+        acc0 = jnp.zeros([nv], jnp.int32)
+        u0 = [jnp.zeros_like(x) for x in p0]
+        if layered:
+            acts0, loss0 = value_fn.activations(tree_of(p0))
+            acts0 = tuple(acts0)
+            acts_layer0 = owner[jnp.searchsorted(ends, state.rso_cursor, side="right")]
+        else:
+            acts0, acts_layer0 = (), jnp.int32(-1)
+            if per_weight_batch:
+                loss0 = jnp.asarray(jnp.nan, jax.eval_shape(value_fn, tree_of(p0), base).dtype)
+            else:
+                loss0 = value_fn(tree_of(p0))
+        carry = (state.rso_cursor, state.rso_cycle, p0, u0, acc0, loss0, acts0, jnp.asarray(acts_layer0, jnp.int32))
+        cursor, cycle, _, u, acc, loss, _, _ = jax.lax.fori_loop(0, weights_per_step, body, carry)
+
+        out = [None if x is None else jnp.zeros_like(x) for x in leaves]
+        for t, i in enumerate(vis):
+            out[i] = u[t].reshape(jnp.shape(leaves[i]))
+        new_updates = jax.tree_util.tree_unflatten(plan.treedef, out)
+        accepted = {plan.paths[i]: state.rso_accepted[plan.paths[i]] + acc[t] for t, i in enumerate(vis)}
+        new_state = RSOState(
+            rso_cursor=cursor,
+            rso_cycle=cycle,
+            rso_sigma=state.rso_sigma,
+            rso_accepted=accepted,
+            rso_loss=jnp.asarray(loss, jnp.float32),
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def rso_init(key: jax.Array, params: Any, fan_in: Any = None) -> Any:
+    """The RSO paper's initialisation: ``W ~ N(0, sqrt(2 / fan_in))`` per kernel.
+
+    Every leaf whose fan-in axes (resolved by
+    :func:`optax_neuron.fan_in.resolve_fan_in`) are non-empty -- Dense and Conv
+    kernels -- is redrawn with standard deviation ``sqrt(2 / fan_in)``, where
+    ``fan_in`` is the product of its fan-in dimensions. Leaves with no fan-in
+    axes (biases, norm scales and offsets) and ``None`` leaves are returned
+    unchanged (the official code keeps norm scale 1 and offset 0).
+
+    Key scheme: ``keys = jax.random.split(key, L)`` over the ``L`` leaves in tree
+    order (``None`` leaves included); leaf ``l`` gets
+    ``jax.random.normal(keys[l], shape, dtype) * sqrt(2 / fan_in)``.
+
+    Args:
+      key: a PRNG key.
+      params: the parameter tree.
+      fan_in: any accepted ``fan_in=`` form (default: the FLAX preset).
+
+    Returns:
+      A tree like ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> p = rso_init(jax.random.key(0), {"d": {"kernel": jnp.zeros((800, 4)), "bias": jnp.zeros(4)}})
+      >>> round(float(p["d"]["kernel"].std()), 2), float(p["d"]["bias"].sum())
+      (0.05, 0.0)
+    """
+    axes = resolve_fan_in(fan_in, params)
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_none)
+    axes_leaves = treedef.flatten_up_to(axes)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    out = []
+    for l, (x, ax) in enumerate(zip(leaves, axes_leaves)):
+        if x is None or not ax:
+            out.append(x)
+            continue
+        shape, dtype = jnp.shape(x), jnp.result_type(x)
+        std = math.sqrt(2.0 / fan_in_size(shape, ax))
+        out.append((jax.random.normal(keys[l], shape, dtype) * std).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
