@@ -188,20 +188,21 @@ def running_gradient_mean(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         count = optax.safe_increment(state.gradient_mean_count)
-        t = count.astype(jnp.float32)
-        if decay is None:
-            weight = 1.0 / t
-        else:
-            beta = jnp.asarray(decay, jnp.float32)
-            ema_weight = 1.0 - beta
+
+        def weight(dtype):  # w_t, computed in the accumulator dtype
+            t = count.astype(dtype)
+            if decay is None:
+                return 1.0 / t
+            beta = jnp.asarray(decay).astype(dtype)
+            if isinstance(debias, bool) and not debias:
+                return 1.0 - beta
+            debiased = (1.0 - beta) / (1.0 - beta**t)
             if isinstance(debias, bool):
-                weight = ema_weight / (1.0 - beta**t) if debias else ema_weight
-            else:  # a traced bool, e.g. from inject_hyperparams(static_args=())
-                weight = jnp.where(debias, ema_weight / (1.0 - beta**t), ema_weight)
+                return debiased
+            return jnp.where(debias, debiased, 1.0 - beta)  # a traced bool
 
         def step(m, g):
-            w = weight.astype(m.dtype) if hasattr(weight, "astype") else weight
-            return m + w * (g.astype(m.dtype) - m)
+            return m + weight(m.dtype) * (g.astype(m.dtype) - m)
 
         mean = jax.tree.map(step, state.gradient_mean, updates)
         new_state = RunningGradientMeanState(gradient_mean_count=count, gradient_mean=mean)
