@@ -200,7 +200,8 @@ def test_norms_match_numpy():
     assert dense.shape == (1, 3)
     for j in range(3):
         np.testing.assert_allclose(float(dense[0, j]), _np_norm(g["dense"]["kernel"][:, j]), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(state.gradient_neuron_norm["dense"]["bias"]), np.abs(g["dense"]["bias"]), rtol=1e-6)
+    bias = np.asarray(state.gradient_neuron_norm["dense"]["bias"])
+    np.testing.assert_allclose(bias, np.abs(g["dense"]["bias"]), rtol=1e-6)
 
 
 def test_neuron_norms_follow_fan_in_rules():
@@ -225,7 +226,8 @@ def test_norms_pass_updates_through_and_low_precision():
     assert out is updates
     assert state.gradient_neuron_norm is None
     assert state.gradient_norm["w"].dtype == jnp.float32
-    np.testing.assert_allclose(float(state.gradient_norm["w"]), _np_norm(np.asarray(updates["w"], np.float32)), rtol=1e-6)
+    expected = _np_norm(np.asarray(updates["w"], np.float32))
+    np.testing.assert_allclose(float(state.gradient_norm["w"]), expected, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- composition
@@ -397,3 +399,35 @@ def test_write_metrics_bad_input(tmp_path):
 
     with pytest.raises(TypeError, match="'name' is not numeric"):
         write_metrics(Recorder(), {"name": "text"}, step=0)
+
+
+def test_traced_debias_flag_and_saturating_count():
+    history = [np.array([1.0, -2.0], np.float32), np.array([3.0, 0.5], np.float32), np.array([-1.0, 4.0], np.float32)]
+    for flag in (False, True):
+        tx = running_gradient_mean(decay=0.7, debias=jnp.array(flag), emit="mean")
+        s = tx.init(jnp.zeros(2))
+        for g in history:
+            out, s = jax.jit(tx.update)(jnp.asarray(g), s)
+        np.testing.assert_allclose(np.asarray(out), _np_ema(history, 0.7, flag)[-1], rtol=1e-6)
+    # The int32 count saturates at 2**31 - 1; the cumulative mean then moves by (g - m) / (2**31 - 1).
+    tx = running_gradient_mean()
+    top = np.iinfo(np.int32).max
+    s = RunningGradientMeanState(jnp.asarray(top, jnp.int32), jnp.zeros(2))
+    _, s = tx.update(jnp.array([float(top), -2.0 * top]), s)
+    assert int(s.gradient_mean_count) == top
+    np.testing.assert_allclose(np.asarray(s.gradient_mean), [1.0, -2.0], rtol=1e-6)
+
+
+def test_metrics_partition_and_key_clash_error():
+    params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+    tx = optax.partition({"x": running_gradient_mean(), "y": optax.chain(gradient_norms(), optax.sgd(0.1))},
+                         {"a": "x", "b": "y"})
+    _, state = tx.update({"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0, 2.0, 2.0])}, tx.init(params), params)
+    m = metrics(state)
+    assert set(m) == {"gradient_mean_norm/a", "gradient_norm/b", "gradient_norm/global"}
+    np.testing.assert_allclose([float(m["gradient_mean_norm/a"]), float(m["gradient_norm/global"])], [5.0, 3.0])
+    # A parameter literally called "global" would shadow the global norm: refused, not overwritten.
+    tx = gradient_norms(per_neuron=False)
+    p = {"global": jnp.zeros(2)}
+    with pytest.raises(ValueError, match="share the key 'gradient_norm/global'"):
+        metrics(tx.init(p))
