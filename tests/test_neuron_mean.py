@@ -333,6 +333,21 @@ def test_masked_leaves_pass_through():
     assert isinstance(state.inner_state.neuron_momentum["layers"]["0"]["bias"], optax.MaskedNode)
 
 
+def test_partition_kernels_neuron_mean_biases_plain_sgd():
+    rng = np.random.default_rng(10)
+    params = params_of(MLP)
+    labels = jax.tree.map(lambda x: "nm" if x.ndim == 2 else "plain", params)
+    tx = optax.partition({"nm": neuron_mean_sgd(0.1, 0.9), "plain": optax.sgd(0.1)}, labels)
+    state = tx.init(params)
+    ref = SeedMomentum({p: v for p, v in MLP.items() if p.endswith("kernel")}, 0.9)
+    for _ in range(4):
+        grads = random_grads(rng, MLP, np.float32)
+        acc = ref.step({p: g for p, g in grads.items() if p.endswith("kernel")})
+        updates, state = tx.update(nest(grads), state, params)
+        for p, got in flatten(updates).items():
+            np.testing.assert_allclose(got, -0.1 * acc.get(p, grads[p]), rtol=1e-5, atol=1e-7, err_msg=p)
+
+
 def test_none_leaves_pass_through():
     params = {"a": {"kernel": jnp.ones((3, 2))}, "frozen": None}
     tx = neuron_mean_trace(0.5)
