@@ -412,8 +412,10 @@ def rso(
                 return value_fn(params, key)
             return value_fn(params)
 
+        signs = jnp.asarray([0.0, 1.0, -1.0], jnp.float32)
+
         def body(_, carry):
-            cursor, cycle, cur, u, acc, loss, acts, acts_layer = carry
+            cursor, cycle, cur, u, acc, loss, acts, acts_layer, need_base = carry
             j = jnp.searchsorted(ends, cursor, side="right").astype(jnp.int32)
             i = cursor - starts[j]
             k = jax.random.fold_in(jax.random.fold_in(base, cycle), cursor)
@@ -421,18 +423,17 @@ def rso(
             z = jax.random.normal(k_step, (), jnp.float32)
             factor = jnp.float32(1.0) if anneal is None else jnp.asarray(anneal(cycle), jnp.float32)
             dw = (sig[j] * factor) * z
-
             idx = [jnp.clip(i, 0, int(s) - 1) for s in plan.sizes]
-            hit = [j == t for t in range(nv)]
 
-            def candidate(sign):
+            def candidate(sign, apply=True):
+                # params + (u +/- dw) at element i of leaf j: what apply_updates will give
                 new_u, new_cur = [], []
                 for t in range(nv):
-                    d = dw.astype(dtypes[t])
-                    ut = u[t][idx[t]] + d if sign > 0 else u[t][idx[t]] - d
+                    hit = (j == t) & apply
+                    ut = u[t][idx[t]] + (sign * dw).astype(dtypes[t])
                     ct = p0[t][idx[t]] + ut
-                    new_u.append(jnp.where(hit[t], u[t].at[idx[t]].set(ut), u[t]))
-                    new_cur.append(jnp.where(hit[t], cur[t].at[idx[t]].set(ct), cur[t]))
+                    new_u.append(jnp.where(hit, u[t].at[idx[t]].set(ut), u[t]))
+                    new_cur.append(jnp.where(hit, cur[t].at[idx[t]].set(ct), cur[t]))
                 return new_cur, new_u
 
             if layered:
@@ -444,43 +445,41 @@ def rso(
                 )
             else:
                 lk = None
-            if per_weight_batch:
-                loss = evaluate(cur, k_batch, acts, lk)
-            plus_cur, plus_u = candidate(+1)
-            minus_cur, minus_u = candidate(-1)
-            l_plus = evaluate(plus_cur, k_batch, acts, lk)
-            l_minus = evaluate(minus_cur, k_batch, acts, lk)
-            take_plus = l_plus < loss
-            best = jnp.where(take_plus, l_plus, loss)
+
+            # One evaluation site for w (when needed), w + dw and w - dw: every
+            # compared loss comes from the same compiled code.
+            def eval_one(e, losses):
+                return losses.at[e].set(evaluate(candidate(signs[e])[0], k_batch, acts, lk))
+
+            losses = jnp.stack([loss, loss, loss])
+            first = jnp.where(need_base, 0, 1)
+            losses = jax.lax.fori_loop(first, 3, eval_one, losses)
+            base_loss, l_plus, l_minus = losses[0], losses[1], losses[2]
+            take_plus = l_plus < base_loss
+            best = jnp.where(take_plus, l_plus, base_loss)
             take_minus = l_minus < best
             best = jnp.where(take_minus, l_minus, best)
-
-            def pick(a, b, c):
-                return [jnp.where(take_minus, cc, jnp.where(take_plus, bb, aa)) for aa, bb, cc in zip(a, b, c)]
-
-            cur = pick(cur, plus_cur, minus_cur)
-            u = pick(u, plus_u, minus_u)
+            chosen = jnp.where(take_minus, -1.0, jnp.where(take_plus, 1.0, 0.0)).astype(jnp.float32)
+            cur, u = candidate(chosen, take_plus | take_minus)
             acc = acc.at[j].add((take_plus | take_minus).astype(jnp.int32))
             cursor = cursor + 1
             wrap = cursor >= total
             cycle = jnp.where(wrap, cycle + 1, cycle)
             cursor = jnp.where(wrap, 0, cursor)
-            return cursor, cycle, cur, u, acc, best, acts, acts_layer
+            return cursor, cycle, cur, u, acc, best, acts, acts_layer, jnp.asarray(per_weight_batch)
 
         acc0 = jnp.zeros([nv], jnp.int32)
         u0 = [jnp.zeros_like(x) for x in p0]
+        loss_dtype = jax.eval_shape(value_fn, tree_of(p0), *((base,) if per_weight_batch else ())).dtype
+        loss0 = jnp.asarray(jnp.nan, loss_dtype)
         if layered:
-            acts0, loss0 = value_fn.activations(tree_of(p0))
-            acts0 = tuple(acts0)
+            acts0 = tuple(value_fn.activations(tree_of(p0))[0])
             acts_layer0 = owner[jnp.searchsorted(ends, state.rso_cursor, side="right")]
         else:
             acts0, acts_layer0 = (), jnp.int32(-1)
-            if per_weight_batch:
-                loss0 = jnp.asarray(jnp.nan, jax.eval_shape(value_fn, tree_of(p0), base).dtype)
-            else:
-                loss0 = value_fn(tree_of(p0))
-        carry = (state.rso_cursor, state.rso_cycle, p0, u0, acc0, loss0, acts0, jnp.asarray(acts_layer0, jnp.int32))
-        cursor, cycle, _, u, acc, loss, _, _ = jax.lax.fori_loop(0, weights_per_step, body, carry)
+        carry = (state.rso_cursor, state.rso_cycle, p0, u0, acc0, loss0, acts0,
+                 jnp.asarray(acts_layer0, jnp.int32), jnp.asarray(True))
+        cursor, cycle, _, u, acc, loss, _, _, _ = jax.lax.fori_loop(0, weights_per_step, body, carry)
 
         out = [None if x is None else jnp.zeros_like(x) for x in leaves]
         for t, i in enumerate(vis):
