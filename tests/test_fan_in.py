@@ -47,8 +47,22 @@ def by_path(axes_tree):
     return {path_str(p): a for p, a in flat}
 
 
+def _is_shape(x):
+    return isinstance(x, jax.ShapeDtypeStruct)
+
+
 def nnx_params(module, kind=nnx.Param):
     return nnx.state(module, kind)
+
+
+def abstract_nnx(make):
+    """The NNX module built by ``make(rngs)``, with shape-only leaves (nothing computed)."""
+    return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+
+
+def abstract_linen(module, x_shape, x_dtype=jnp.float32):
+    """Linen variables from ``module.init``, with shape-only leaves (nothing computed)."""
+    return jax.eval_shape(module.init, jax.random.key(0), jax.ShapeDtypeStruct(x_shape, x_dtype))
 
 
 # --------------------------------------------------------------------------
@@ -79,6 +93,10 @@ def incoming_from_axes(kernel_shape, axes):
     return out
 
 
+def _ones_like(a):
+    return jnp.ones(a.shape, a.dtype) if isinstance(a, (jax.Array, jax.ShapeDtypeStruct)) else a
+
+
 def positive(*shape, seed=0):
     return jax.random.uniform(jax.random.key(seed), shape, minval=0.5, maxval=1.5)
 
@@ -86,6 +104,7 @@ def positive(*shape, seed=0):
 def nnx_apply_with(module, name, x, n_unit_axes):
     """``kernel -> output per unit`` for an NNX module whose leaf ``name`` is replaced."""
     graphdef, state = nnx.split(module)
+    state = jax.tree.map(_ones_like, state)  # values do not change which entries feed which unit
 
     def run(kernel):
         new = jax.tree_util.tree_map_with_path(lambda p, v: kernel if path_str(p) == name else v, state)
@@ -100,7 +119,7 @@ def nnx_case(make, x_shape, sub=None, n_unit_axes=1):
     """Axes resolved on the whole module; connectivity measured on its part ``sub``."""
 
     def build():
-        module = make(nnx.Rngs(0))
+        module = abstract_nnx(make)
         part = module if sub is None else getattr(module, sub)
         run, kernel = nnx_apply_with(part, "kernel", positive(*x_shape), n_unit_axes)
         name = "kernel" if sub is None else f"{sub}/kernel"
@@ -112,7 +131,8 @@ def nnx_case(make, x_shape, sub=None, n_unit_axes=1):
 def linen_case(module, x_shape):
     def build():
         x = positive(*x_shape)
-        params = module.init(jax.random.key(0), x)["params"]
+        # The kernel's value does not change which entries feed which unit.
+        params = jax.tree.map(_ones_like, abstract_linen(module, x_shape)["params"])
 
         def run(kernel):
             y = module.apply({"params": {**params, "kernel": kernel}}, x)
@@ -125,7 +145,7 @@ def linen_case(module, x_shape):
 
 def eqx_case(make, x_shape):
     def build():
-        module = make(jax.random.key(0))
+        module = jax.tree.map(_ones_like, eqx.filter_eval_shape(make, jax.random.key(0)))
         x = positive(*x_shape)
 
         def run(weight):
@@ -237,11 +257,11 @@ NNX_MODELS = {
 @pytest.mark.parametrize("name", sorted(NNX_MODELS))
 def test_nnx_layer(name):
     make, expected = NNX_MODELS[name]
-    assert by_path(fan_in_axes(nnx_params(make(nnx.Rngs(0))))) == expected
+    assert by_path(fan_in_axes(nnx_params(abstract_nnx(make)))) == expected
 
 
 def test_nnx_batch_norm_params_and_batch_stats():
-    bn = nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+    bn = abstract_nnx(lambda r: nnx.BatchNorm(4, rngs=r))
     assert by_path(fan_in_axes(nnx_params(bn))) == {"scale": (), "bias": ()}
     assert by_path(fan_in_axes(nnx.state(bn))) == {"scale": (), "bias": (), "mean": (), "var": ()}
 
@@ -282,17 +302,17 @@ LINEN_MODELS = {
 @pytest.mark.parametrize("name", sorted(LINEN_MODELS))
 def test_linen_layer(name):
     module, x_shape, expected = LINEN_MODELS[name]
-    variables = module.init(jax.random.key(0), jnp.ones(x_shape))
+    variables = abstract_linen(module, x_shape)
     assert by_path(fan_in_axes(variables)) == {f"params/{p}": a for p, a in expected.items()}
 
 
 def test_linen_embed():
-    variables = nn.Embed(10, 4).init(jax.random.key(0), jnp.zeros((1,), jnp.int32))
+    variables = abstract_linen(nn.Embed(10, 4), (1,), jnp.int32)
     assert by_path(fan_in_axes(variables)) == {"params/embedding": ()}
 
 
 def test_linen_batch_norm():
-    variables = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), jnp.ones((2, 4)))
+    variables = abstract_linen(nn.BatchNorm(use_running_average=False), (2, 4))
     assert by_path(fan_in_axes(variables)) == {
         "params/scale": (),
         "params/bias": (),
@@ -334,7 +354,7 @@ class _EqxNet(eqx.Module):
 
 
 def test_torch_equinox_modules():
-    params = eqx.filter(_EqxNet(jax.random.key(0)), eqx.is_array)
+    params = eqx.filter(eqx.filter_eval_shape(_EqxNet, jax.random.key(0)), _is_shape)
     assert by_path(fan_in_axes(params, TORCH)) == {
         "embedding/weight": (),  # (num, dim): one neuron per element
         "conv/weight": (1, 2, 3),  # (out, in, kh, kw)
@@ -409,7 +429,8 @@ def _spy(record):
 
 def test_nnx_optimizer_init_and_update_resolve_the_same_axes():
     record = {}
-    model = _Net(nnx.Rngs(0))
+    graphdef, state = nnx.split(abstract_nnx(_Net))
+    model = nnx.merge(graphdef, jax.tree.map(_ones_like, state))  # skip the random initialisers
     opt = nnx.Optimizer(model, _spy(record), wrt=nnx.Param)
     grads = nnx.state(model, nnx.Param)  # any tree of the parameters' structure will do
     opt.update(model, grads)
@@ -439,7 +460,7 @@ class _Projection(nnx.Module):
 
 
 def test_linear_general_needs_a_user_rule():
-    model = _Projection(nnx.Rngs(0))
+    model = abstract_nnx(_Projection)
     params = nnx_params(model)
     run, kernel = nnx_apply_with(model.proj, "kernel", positive(3, 8), n_unit_axes=2)
     measured = measured_incoming(run, kernel)  # (2, 4, 8, 2, 4)
@@ -553,11 +574,11 @@ def test_resolve_tree_of_axes_for_tuple_and_module_containers():
     # fan_in tree; the tree is read up to the params' structure.
     params = (np.zeros((3, 4)), np.zeros(4))
     assert resolve_fan_in(((0,), ()), params) == ((0,), ())
-    mlp = eqx.filter(eqx.nn.MLP(3, 2, 8, 1, key=jax.random.key(0)), eqx.is_array)
+    mlp = eqx.filter(eqx.filter_eval_shape(eqx.nn.MLP, 3, 2, 8, 1, key=jax.random.key(0)), _is_shape)
     axes = resolve_fan_in(lambda t: fan_in_axes(t, TORCH), mlp)
     assert [layer.weight for layer in axes.layers] == [(1,), (1,)]
     assert resolve_fan_in(fan_in_axes(mlp, TORCH), mlp).layers[0].weight == (1,)
-    state = nnx_params(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    state = nnx_params(abstract_nnx(lambda r: nnx.Linear(2, 3, rngs=r)))
     assert by_path(resolve_fan_in(fan_in_axes(state), state)) == {"kernel": (0,), "bias": ()}
 
 
