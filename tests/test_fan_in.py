@@ -223,7 +223,10 @@ NNX_MODELS = {
     "conv1d": (lambda r: nnx.Conv(2, 3, kernel_size=(3,), rngs=r), {"kernel": (0, 1), "bias": ()}),
     "conv2d": (lambda r: nnx.Conv(2, 3, kernel_size=(3, 2), rngs=r), {"kernel": (0, 1, 2), "bias": ()}),
     "conv3d": (lambda r: nnx.Conv(2, 3, kernel_size=(2, 2, 2), rngs=r), {"kernel": (0, 1, 2, 3), "bias": ()}),
-    "conv_transpose": (lambda r: nnx.ConvTranspose(2, 3, kernel_size=(3, 3), rngs=r), {"kernel": (0, 1, 2), "bias": ()}),
+    "conv_transpose": (
+        lambda r: nnx.ConvTranspose(2, 3, kernel_size=(3, 3), rngs=r),
+        {"kernel": (0, 1, 2), "bias": ()},
+    ),
     "mha": (
         lambda r: nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, out_features=5, rngs=r),
         {
@@ -468,7 +471,10 @@ def test_linear_general_needs_a_user_rule():
 
     default = by_path(fan_in_axes(params))["proj/kernel"]
     assert default == ALL_BUT_LAST((8, 2, 4)) == (0, 1)  # what a Conv1D kernel needs, wrong here
-    assert measured.shape != incoming_from_axes(kernel.shape, default).shape
+    # The layer has 2 x 4 output units with 8 incoming connections each; the
+    # default would make 4 units of 16 connections, merging the 2 "heads".
+    assert measured.shape[:2] == (2, 4) and (measured.reshape(8, -1).sum(1) == 8).all()
+    assert fan_in_size(kernel.shape, default) == 16
 
     fixed = by_path(resolve_fan_in([("*proj/kernel", (0,)), *FLAX], params))
     assert fixed == {"proj/kernel": (0,), "proj/bias": ()}
@@ -631,7 +637,8 @@ def _leaf_and_spec(draw):
     """A shape, an axes spec for it, and the axes the spec means (by hand)."""
     shape = tuple(draw(st.lists(st.integers(1, 3), max_size=5)))
     rank = len(shape)
-    kind = draw(st.sampled_from(["tuple", "int", "constant", "callable"] if rank else ["tuple", "constant", "callable"]))
+    kinds = ["tuple", "int", "constant", "callable"] if rank else ["tuple", "constant", "callable"]
+    kind = draw(st.sampled_from(kinds))
     if kind == "constant":
         name = draw(st.sampled_from(sorted(_CONSTANTS)))
         return shape, _CONSTANTS[name], sorted(_reference_constant(name, rank))
