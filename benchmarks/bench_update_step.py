@@ -62,7 +62,7 @@ def cnn_params(key):
     from optax_neuron.mnist.models import cnn
 
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-    params = nnx.state(cnn(nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(cnn(nnx.Rngs(seed)), nnx.Param))
     return jax.tree.map(jnp.asarray, params)
 
 
@@ -102,17 +102,18 @@ def transformer_params(key, d_model=1024, layers=4, heads=16, mlp=4096, vocab=40
 
 
 def trees(quick: bool) -> dict:
-    """name -> (params builder, default repeats scale)."""
+    """name -> a function building the parameter tree."""
     key = jax.random.PRNGKey(0)
-    out = {
+    if quick:  # proves the script runs: the app's CNN and a tiny transformer-shaped tree
+        return {
+            "MNIST CNN (app)": lambda: cnn_params(key),
+            "transformer (tiny)": lambda: transformer_params(key, d_model=64, layers=1, heads=4, mlp=128, vocab=64),
+        }
+    return {
         "MLP 784-1024-1024-10": lambda: mlp_params(key),
         "MNIST CNN (app)": lambda: cnn_params(key),
+        "transformer ~55M": lambda: transformer_params(key),
     }
-    if quick:
-        out["transformer (small)"] = lambda: transformer_params(key, d_model=64, layers=1, heads=4, mlp=128, vocab=64)
-    else:
-        out["transformer ~55M"] = lambda: transformer_params(key)
-    return out
 
 
 # --------------------------------------------------------------------------- optimizers and steps

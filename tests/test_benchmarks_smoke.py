@@ -1,0 +1,91 @@
+"""Smoke tests: every benchmark script of issue 8 runs (``--quick``) and prints sane tables.
+
+No timing is asserted (speed belongs in the benchmarks themselves); the checks
+are that each script finishes, prints its table, and reports finite positive
+ratios, and that the memory table of the update-step benchmark matches the
+1/fan_in prediction computed here from the shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+def _table_rows(text: str, first_cell: str) -> list[list[str]]:
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            rows.append(cells)
+    return rows
+
+
+def test_common_helpers():
+    import jax.numpy as jnp
+    from common import Runner, format_table, machine_line, time_interleaved, tree_bytes
+
+    assert tree_bytes({"a": jnp.zeros((3, 4)), "b": [jnp.zeros(5, jnp.float16)]}) == 3 * 4 * 4 + 5 * 2
+    assert "jax" in machine_line() and "device" in machine_line()
+    order = []
+    runners = [Runner(n, lambda s, n=n: order.append(n) or s + 1, 0) for n in "ab"]
+    time_interleaved(runners, repeats=3, warmup=1)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then interleaved rounds
+    assert [r.state for r in runners] == [4, 4] and all(len(r.times) == 3 for r in runners)
+    with pytest.raises(ValueError, match="repeats"):
+        time_interleaved(runners, repeats=0)
+    table = format_table(["x", "y"], [[1, "long cell"]])
+    assert table.splitlines()[2] == "| 1 | long cell |"
+
+
+def test_update_step_quick(capsys):
+    import bench_update_step
+
+    results = bench_update_step.main(["--quick"])
+    out = capsys.readouterr().out
+    assert set(results) == {"MNIST CNN (app)", "transformer (tiny)"}
+    for medians in results.values():
+        assert len(medians) == 5 and all(math.isfinite(t) and t > 0 for t in medians.values())
+    # 8.2: kernel state / momentum trace = sum(size / fan_in) / sum(size), from the CNN's shapes.
+    shapes = [((3, 3, 1, 32), 9), ((3, 3, 32, 64), 9 * 32), ((3136, 128), 3136), ((128, 10), 128)]
+    size = [math.prod(s) for s, _ in shapes]
+    predicted = sum(n / f for n, (_, f) in zip(size, shapes)) / sum(size)
+    (row,) = _table_rows(out, "MNIST CNN (app)")[-1:]
+    assert float(row[5]) == pytest.approx(predicted, abs=1e-5)
+    assert float(row[4]) < 0.01  # all state (biases included) vs the momentum trace
+
+
+def test_monitoring_quick(capsys):
+    import bench_monitoring
+
+    results = bench_monitoring.main(["--quick"])
+    assert len(results) == 3 and all(math.isfinite(r) and r > 0 for r in results.values())
+    assert "/ unmonitored" in capsys.readouterr().out
+
+
+def test_mnist_training_quick(capsys):
+    import bench_mnist_training
+
+    results = bench_mnist_training.main(["--quick"])
+    assert set(results) == {"neuron-mean-sgd", "momentum", "adam"}
+    assert results["momentum"]["ratio"] == 1.0
+    for r in results.values():
+        assert r["images_per_s"] > 0 and 0.0 <= r["accuracy"][1] <= 1.0
+    assert "test acc epoch 1" in capsys.readouterr().out
+
+
+def test_run_all_lists_every_script():
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "run_all.py"), "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == sorted(p.name for p in BENCH.glob("bench_*.py"))
+    assert {"bench_update_step.py", "bench_monitoring.py", "bench_mnist_training.py"} <= set(out)
+    bad = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--only", "nothing_like_this"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "matches no benchmark" in bad.stderr
