@@ -136,7 +136,8 @@ def _make_plan(params: Any, search: Any, order: Any) -> tuple[_Plan, list]:
     else:
         rules = _check_rules("search", search)
         flags = [bool(first_match(p, rules)[1]) for p in paths]
-    searched = [i for i, (f, x) in enumerate(zip(flags, leaves)) if f and x is not None]
+    # Zero-size leaves have no weight to visit (fix: they raised IndexError / a NaN-sigma error).
+    searched = [i for i, (f, x) in enumerate(zip(flags, leaves)) if f and x is not None and math.prod(jnp.shape(x)) > 0]
     for i in searched:
         dtype = jnp.asarray(leaves[i]).dtype if not hasattr(leaves[i], "dtype") else leaves[i].dtype
         if not jnp.issubdtype(dtype, jnp.floating):
