@@ -31,7 +31,7 @@ from flax import nnx
 
 import optax_neuron as on
 from optax_neuron.mnist.data import Dataset
-from optax_neuron.mnist.models import make_model
+from optax_neuron.mnist.models import make_model, patch_conv
 
 __all__ = [
     "DEFAULTS",
@@ -74,6 +74,8 @@ def make_optimizer(
     learning_rate: float | None = None,
     momentum: float | None = None,
     *,
+    schedule: str = "constant",
+    total_steps: int | None = None,
     grad_stats: bool = False,
 ) -> optax.GradientTransformation:
     """The Optax transformation behind a CLI optimizer name.
@@ -83,6 +85,9 @@ def make_optimizer(
       learning_rate: ``None`` takes the default of :data:`DEFAULTS`.
       momentum: for ``neuron-mean-sgd``, ``momentum``, ``nesterov`` (and
         ``rmsprop``, where ``None`` means none); ``None`` takes the default.
+      schedule: ``"constant"`` or ``"cosine"`` (decay to zero over
+        ``total_steps``, ``optax.cosine_decay_schedule``).
+      total_steps: number of updates of the run (needed for ``"cosine"``).
       grad_stats: put :func:`optax_neuron.gradient_norms` and
         :func:`optax_neuron.running_gradient_mean` (EMA, decay 0.99) in front,
         so :func:`optax_neuron.metrics` can read per-layer norms.
@@ -96,6 +101,12 @@ def make_optimizer(
     d = DEFAULTS[name]
     lr = d["learning_rate"] if learning_rate is None else learning_rate
     mu = d.get("momentum") if momentum is None else momentum
+    if schedule == "cosine":
+        if not total_steps or total_steps < 1:
+            raise ValueError(f"schedule='cosine' needs total_steps >= 1, got {total_steps!r}")
+        lr = optax.cosine_decay_schedule(lr, total_steps)
+    elif schedule != "constant":
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if name == "neuron-mean-sgd":
         tx = on.neuron_mean_sgd(lr, momentum=mu)
     elif name == "sgd":
@@ -125,12 +136,15 @@ class TrainConfig:
     batch_size: int = 128
     learning_rate: float | None = None
     momentum: float | None = None
+    schedule: str = "cosine"
     seed: int = 0
     limit_train: int | None = None
     grad_stats: bool = False
     checkpoint: str | None = None
     resume: bool = False
+    hidden: int | None = None
     rso_batch_size: int = 5000
+    rso_chunk: int = 1000
     eval_batch_size: int = 1000
 
 
@@ -306,7 +320,10 @@ def run(
     n = len(data.train_labels) if config.limit_train is None else min(config.limit_train, len(data.train_labels))
     x_train = jnp.asarray(data.train_images[:n])
     y_train = jnp.asarray(data.train_labels[:n])
-    model = make_model(config.model, nnx.Rngs(config.seed))
+    model_kwargs = {} if config.hidden is None else {"hidden": config.hidden}
+    if config.hidden is not None and config.model == "rso-paper":
+        model_kwargs = {"channels": config.hidden}
+    model = make_model(config.model, nnx.Rngs(config.seed), **model_kwargs)
     model.train()
     if config.optimizer == "rso":
         return _run_rso(config, data, model, x_train, y_train, writer=writer, progress=progress, log=log)
@@ -314,7 +331,14 @@ def run(
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1 and the training set non-empty (batch {config.batch_size}, {n} images)")
     grad_stats = config.grad_stats or writer is not None
-    tx = make_optimizer(config.optimizer, config.learning_rate, config.momentum, grad_stats=grad_stats)
+    tx = make_optimizer(
+        config.optimizer,
+        config.learning_rate,
+        config.momentum,
+        schedule=config.schedule,
+        total_steps=max(1, config.epochs * (n // batch_size)),
+        grad_stats=grad_stats,
+    )
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
     history: list[dict] = []
@@ -393,5 +417,174 @@ def _report(record: dict, writer: Any, bar: Any, log: Callable | None, name: str
         )
 
 
+def _batch_norm(layer: nnx.BatchNorm, i: int) -> Callable:
+    """BatchNorm with the statistics of the batch (RSO's loss), params at ``layers/i``."""
+
+    def f(p, h):
+        q = p["layers"][i]
+        mean = jnp.mean(h, axis=(0, 1, 2))
+        var = jnp.var(h, axis=(0, 1, 2))
+        return (h - mean) * jax.lax.rsqrt(var + layer.epsilon) * q["scale"] + q["bias"]
+
+    return f
+
+
+def _add_bias(i: int) -> Callable:
+    return lambda p, h: h + p["layers"][i]["bias"]
+
+
+def _stateless(fn: Callable) -> Callable:
+    return lambda p, h: fn(h)
+
+
+def rso_layers(model: nnx.Sequential) -> list[Callable]:
+    """The layers of a Sequential model as ``f(params, h)`` functions for :class:`optax_neuron.LayerStack`.
+
+    ``params`` is ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``. Conv and
+    Linear kernels become :func:`optax_neuron.conv_layer` /
+    :func:`optax_neuron.dense_layer` (RSO's incremental fast path), followed by
+    a bias layer where there is a bias; BatchNorm normalises with the batch's
+    statistics; activations and pooling pass through.
+    """
+    layers: list[Callable] = []
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, nnx.Conv):
+            if tuple(layer.strides or (1, 1)) not in ((1, 1), 1) or layer.feature_group_count != 1:
+                raise ValueError(f"rso_layers: layers/{i} is not a stride-1 ungrouped convolution")
+            layers.append(on.conv_layer(f"layers/{i}/kernel", padding=layer.padding, conv_fn=patch_conv))
+        elif isinstance(layer, nnx.Linear):
+            layers.append(on.dense_layer(f"layers/{i}/kernel"))
+        elif isinstance(layer, nnx.BatchNorm):
+            layers.append(_batch_norm(layer, i))
+            continue
+        elif isinstance(layer, nnx.Module):
+            raise ValueError(f"rso_layers: no RSO layer for {type(layer).__name__} at layers/{i}")
+        else:
+            layers.append(_stateless(layer))
+            continue
+        if getattr(layer, "bias", None) is not None:
+            layers.append(_add_bias(i))
+    return layers
+
+
+def calibrate_batch_norm(model: nnx.Sequential, images: jax.Array) -> None:
+    """Set every BatchNorm's running mean/variance to the statistics of ``images``.
+
+    RSO trains with batch statistics and never updates the running averages;
+    this makes eval mode use statistics of a large training batch instead.
+    """
+    h = images
+    for layer in model.layers:
+        if isinstance(layer, nnx.BatchNorm):
+            layer.mean.value = jnp.mean(h, axis=(0, 1, 2))
+            layer.var.value = jnp.var(h, axis=(0, 1, 2))
+            h = layer(h, use_running_average=True)
+        else:
+            h = layer(h)
+
+
+def _cross_entropy(logits, labels):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def _searched_count(state: Any, params: Any) -> int:
+    sizes = {fan_in_path(p): int(np.size(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return sum(sizes[k] for k in state.rso_sigma)
+
+
+def fan_in_path(path: Any) -> str:
+    return on.fan_in.path_str(path)
+
+
+def _chunk_size(total: int, target: int) -> int:
+    """The largest divisor of ``total`` not above ``target`` (whole calls per cycle)."""
+    target = max(1, min(target, total))
+    best = max(d for d in range(1, target + 1) if total % d == 0)
+    return best if best * 4 >= target else total
+
+
 def _run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
-    raise NotImplementedError("rso lands with the RSO transformation")
+    """RSO: ``config.epochs`` cycles over every searched weight, minibatch per call."""
+    n = x_train.shape[0]
+    batch = min(config.rso_batch_size, n)
+    layers = rso_layers(model)
+    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
+    params = on.rso_init(jax.random.PRNGKey(config.seed), nnx.to_pure_dict(param_state))
+    cycles = config.epochs
+    anneal = optax.linear_schedule(1.0, 0.1, max(cycles, 1))
+    probe = on.rso(seed=config.seed).init(params)
+    total = _searched_count(probe, params)
+    chunk = _chunk_size(total, config.rso_chunk)
+    calls = total // chunk
+    tx = on.rso(seed=config.seed, weights_per_step=chunk, anneal=anneal)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, call):
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), call)
+        idx = jax.random.choice(key, n, (batch,), replace=False)
+        value_fn = on.LayerStack(layers, _cross_entropy, x_train[idx], y_train[idx])
+        updates, opt_state = tx.update(params, opt_state, params, value_fn=value_fn)
+        return optax.apply_updates(params, updates), opt_state
+
+    def to_model(params):
+        nnx.replace_by_pure_dict(param_state, params)
+        m = nnx.merge(graphdef, param_state, rest)
+        if any(isinstance(l, nnx.BatchNorm) for l in m.layers):
+            calib = jax.random.choice(jax.random.PRNGKey(config.seed + 2), n, (batch,), replace=False)
+            calibrate_batch_norm(m, x_train[calib])
+        return m
+
+    history: list[dict] = []
+    start = 0
+    ckpt = Checkpoints(config.checkpoint) if config.checkpoint else None
+    if ckpt is not None and config.resume and ckpt.latest() is not None:
+        start, got, meta = ckpt.restore({"params": params, "rso": opt_state})
+        params, opt_state = got["params"], got["rso"]
+        history = list(meta["history"])
+    t_start = time.perf_counter() - (history[-1]["wall_time"] if history else 0.0)
+    for cycle in range(start, cycles):
+        t0 = time.perf_counter()
+        bar = _progress(range(calls), f"rso cycle {cycle + 1}/{cycles}", progress, unit="w", unit_scale=chunk)
+        for c in bar:
+            params, opt_state = step(params, opt_state, cycle * calls + c)
+            bar.set_postfix(loss=f"{float(opt_state.rso_loss):.4f}")
+        loss = float(opt_state.rso_loss)
+        t1 = time.perf_counter()
+        model = to_model(params)
+        test_loss, test_acc = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
+        record = {
+            "epoch": cycle + 1,
+            "train_loss": loss,
+            "train_accuracy": float("nan"),
+            "test_loss": test_loss,
+            "test_accuracy": test_acc,
+            "epoch_time": t1 - t0,
+            "wall_time": time.perf_counter() - t_start,
+            "rso_accepted": {k: int(v) for k, v in opt_state.rso_accepted.items()},
+            "rso_weights": total,
+        }
+        _, record["train_accuracy"] = evaluate(model, x_train[:batch], y_train[:batch], config.eval_batch_size)
+        if len(data.val_labels):
+            record["val_loss"], record["val_accuracy"] = evaluate(
+                model, data.val_images, data.val_labels, config.eval_batch_size
+            )
+        history.append(record)
+        _report(record, writer, None, log, "rso cycle")
+        if ckpt is not None:
+            ckpt.save(cycle + 1, {"params": params, "rso": opt_state}, {"history": history})
+    if ckpt is not None:
+        ckpt.close()
+    model = to_model(params)
+    if history and history[-1]["epoch"] == cycles:
+        final_loss, final_acc = history[-1]["test_loss"], history[-1]["test_accuracy"]
+    else:
+        final_loss, final_acc = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
+    return {
+        "config": dataclasses.asdict(config),
+        "train_size": n,
+        "epochs": history,
+        "test_loss": final_loss,
+        "test_accuracy": final_acc,
+        "params": nnx.state(model, nnx.Param),
+    }
