@@ -23,7 +23,7 @@ from optax_neuron.grad_stats import (
 from optax_neuron.tensorboard import summary_writer, write_metrics
 
 # --- rso (issue 5) ---
-from optax_neuron.rso import LayerStack, RSOState, rso, rso_init
+from optax_neuron.rso import LayerStack, LinearLayer, RSOState, conv_layer, dense_layer, rso, rso_init
 
 __version__ = "0.1.0"
 
@@ -49,7 +49,10 @@ __all__ = [
     "write_metrics",
     # --- rso names ---
     "LayerStack",
+    "LinearLayer",
     "RSOState",
+    "conv_layer",
+    "dense_layer",
     "rso",
     "rso_init",
 ]

@@ -45,6 +45,7 @@ below the best so far: ties and NaN keep ``w``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
@@ -56,7 +57,7 @@ import optax
 
 from optax_neuron.fan_in import fan_in_size, first_match, path_str, resolve_fan_in
 
-__all__ = ["LayerStack", "RSOState", "rso", "rso_init"]
+__all__ = ["LayerStack", "LinearLayer", "RSOState", "conv_layer", "dense_layer", "rso", "rso_init"]
 
 SigmaSpec = Union[None, float, Sequence[tuple[str, Union[float, None]]]]
 
@@ -223,11 +224,12 @@ class LayerStack:
         self.targets = targets
 
     def activations(self, params: Any) -> tuple[list, jax.Array]:
-        """The input of every layer, and the loss."""
+        """The input of every layer followed by the output, and the loss."""
         h, acts = self.inputs, []
         for f in self.layers:
             acts.append(h)
             h = f(params, h)
+        acts.append(h)
         return acts, self.loss(h, self.targets)
 
     def from_layer(self, k: int, params: Any, h: Any) -> jax.Array:
@@ -248,6 +250,82 @@ class LayerStack:
 
 
 jax.tree_util.register_pytree_node_class(LayerStack)
+
+
+def _leaf_at(params: Any, path: str) -> Any:
+    for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)[0]:
+        if path_str(p) == path:
+            return x
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)[0]]
+    raise ValueError(f"layer kernel {path!r} is not a parameter path; paths: {paths[:10]}")
+
+
+class LinearLayer:
+    """A layer ``h -> A(W, h)`` linear in one kernel ``W`` (see :func:`dense_layer`, :func:`conv_layer`).
+
+    In a :class:`LayerStack` searched with ``fast_path="incremental"``, a
+    candidate change ``delta`` of one kernel element ``W[.., i, o]`` is applied to
+    the cached output as ``out[..., o] += delta * column``, where ``column`` is
+    the slice of the layer input that the element multiplies, instead of
+    re-running the layer.
+    """
+
+    def __init__(self, kernel: str, kind: str, padding: Any = "SAME", conv_fn: Callable | None = None):
+        self.kernel, self.kind, self.padding, self.conv_fn = kernel, kind, padding, conv_fn
+
+    def __call__(self, params: Any, h: jax.Array) -> jax.Array:
+        w = _leaf_at(params, self.kernel)
+        if self.kind == "dense":
+            return jnp.matmul(h, w)
+        conv = self.conv_fn or jax.lax.conv_general_dilated
+        return conv(h, w, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def _pads(self, kshape):
+        if self.padding == "SAME":
+            return tuple(((k - 1) // 2, k // 2) for k in kshape[:2])
+        if self.padding == "VALID":
+            return ((0, 0), (0, 0))
+        return tuple(tuple(int(q) for q in p) for p in self.padding)
+
+    def add_column(self, out, h, kshape, flat_index, delta, apply=True):
+        """``out`` plus the effect of ``W.flat[flat_index] += delta`` (where ``apply``)."""
+        if self.kind == "dense":
+            i, o = flat_index // kshape[1], flat_index % kshape[1]
+            col = jax.lax.dynamic_index_in_dim(h, i, axis=h.ndim - 1, keepdims=True)
+            cur = jax.lax.dynamic_index_in_dim(out, o, axis=out.ndim - 1, keepdims=True)
+            new = jnp.where(apply, cur + delta.astype(out.dtype) * col, cur)
+            return jax.lax.dynamic_update_index_in_dim(out, new, o, axis=out.ndim - 1)
+        kh, kw, cin, cout = kshape
+        a = flat_index // (kw * cin * cout)
+        b = (flat_index // (cin * cout)) % kw
+        i = (flat_index // cout) % cin
+        o = flat_index % cout
+        hp = jnp.pad(h, ((0, 0), *self._pads(kshape), (0, 0)))
+        n, ho, wo, _ = out.shape
+        col = jax.lax.dynamic_slice(hp, (0, a, b, i), (n, ho, wo, 1))
+        cur = jax.lax.dynamic_slice(out, (0, 0, 0, o), (n, ho, wo, 1))
+        new = jnp.where(apply, cur + delta.astype(out.dtype) * col, cur)
+        return jax.lax.dynamic_update_slice(out, new, (0, 0, 0, o))
+
+
+def dense_layer(kernel: str) -> LinearLayer:
+    """A :class:`LayerStack` layer ``h @ W`` (contracting the last axis), ``W`` at path ``kernel``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> dense_layer("out/kernel")({"out": {"kernel": jnp.eye(2)}}, jnp.ones((1, 2))).tolist()
+      [[1.0, 1.0]]
+    """
+    return LinearLayer(kernel, "dense")
+
+
+def conv_layer(kernel: str, padding: Any = "SAME", conv_fn: Callable | None = None) -> LinearLayer:
+    """A :class:`LayerStack` layer: stride-1 2-D convolution, NHWC input, HWIO kernel at path ``kernel``.
+
+    ``conv_fn`` replaces ``jax.lax.conv_general_dilated`` (same signature), e.g. an
+    im2col implementation that is faster on CPU.
+    """
+    return LinearLayer(kernel, "conv", padding, conv_fn)
 
 
 def _owners(stack: LayerStack, params: Any, leaves: list, treedef: Any) -> list[int]:
@@ -285,7 +363,7 @@ def rso(
     order: Any = None,
     search: Sequence[tuple[str, bool]] | None = None,
     per_weight_batch: bool = False,
-    use_layer_cache: bool = True,
+    fast_path: str = "incremental",
 ) -> optax.GradientTransformationExtraArgs:
     """RSO random search as an Optax transformation (see the module docstring).
 
@@ -314,9 +392,15 @@ def rso(
         current loss is carried). ``True``: ``value_fn(params, key)`` draws a fresh
         minibatch from ``key`` (the weight's ``k_batch``), e.g. indexing
         device-resident data; three evaluations per weight, as in the paper.
-      use_layer_cache: when ``value_fn`` is a :class:`LayerStack` (and
-        ``per_weight_batch=False``), cache the activation entering the searched
-        layer and re-run only the layers from it on (the same result, faster).
+      fast_path: used when ``value_fn`` is a :class:`LayerStack` (with
+        ``per_weight_batch=False``). ``"cache"``: keep the activation entering
+        the layer that owns the searched weight and re-run only the layers from
+        it on: exactly the black-box result. ``"incremental"`` (default): the
+        same, and for a :func:`dense_layer`/:func:`conv_layer` kernel apply the
+        candidate to the cached layer output as one added column
+        (``out[..., o] += delta * column``) instead of re-running the layer; the
+        losses then differ from the black-box path by float32 rounding only
+        (a decision can flip only on a near-tie). ``"off"``: the black-box path.
 
     Returns:
       A ``GradientTransformationExtraArgs``; ``update(updates, state, params, *,
@@ -339,6 +423,8 @@ def rso(
         _check_rules("sigma", sigma)
     if search is not None:
         _check_rules("search", search)
+    if fast_path not in ("incremental", "cache", "off"):
+        raise ValueError(f"rso: fast_path must be 'incremental', 'cache' or 'off', got {fast_path!r}")
     if anneal is not None and not callable(anneal):
         raise TypeError(f"rso: anneal must be a callable cycle -> factor, got {anneal!r}")
     weights_per_step = int(weights_per_step)
@@ -377,7 +463,7 @@ def rso(
             ) from e
         if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
             raise ValueError(f"rso: value_fn must return a scalar floating loss, got {out}")
-        layered = isinstance(value_fn, LayerStack) and use_layer_cache and not per_weight_batch
+        layered = isinstance(value_fn, LayerStack) and fast_path != "off" and not per_weight_batch
         return _search(plan, leaves, state, value_fn, layered)
 
     def _search(plan: _Plan, leaves: list, state: RSOState, value_fn, layered: bool):
@@ -398,89 +484,112 @@ def rso(
             return jax.tree_util.tree_unflatten(plan.treedef, out)
 
         if layered:
-            owner_all = _owners(value_fn, tree_of(p0), list(leaves), plan.treedef)
+            stack = value_fn
+            owner_all = _owners(stack, tree_of(p0), list(leaves), plan.treedef)
             owner = jnp.asarray([owner_all[i] for i in vis], jnp.int32)
-            n_layers = len(value_fn.layers)
-
-        def evaluate(cur, key, acts, k):
-            params = tree_of(cur)
-            if layered:
-                branches = [
-                    (lambda a, p, kk=kk: value_fn.from_layer(kk, p, a[kk])) for kk in range(n_layers)
-                ]
-                return jax.lax.switch(jnp.minimum(k, n_layers - 1), branches, acts, params)
-            if per_weight_batch:
-                return value_fn(params, key)
-            return value_fn(params)
+            n_layers = len(stack.layers)
+            # layers whose candidates are applied as one added column
+            incremental = {}
+            if fast_path == "incremental":
+                for kk, f in enumerate(stack.layers):
+                    if isinstance(f, LinearLayer):
+                        incremental[kk] = tuple(jnp.shape(_leaf_at(tree_of(p0), f.kernel)))
 
         signs = jnp.asarray([0.0, 1.0, -1.0], jnp.float32)
+        first_phase = 0 if per_weight_batch else 1  # phase 0 evaluates w itself
 
-        def body(_, carry):
-            cursor, cycle, cur, u, acc, loss, acts, acts_layer, need_base = carry
-            j = jnp.searchsorted(ends, cursor, side="right").astype(jnp.int32)
-            i = cursor - starts[j]
-            k = jax.random.fold_in(jax.random.fold_in(base, cycle), cursor)
-            k_step, k_batch = jax.random.split(k)
-            z = jax.random.normal(k_step, (), jnp.float32)
-            factor = jnp.float32(1.0) if anneal is None else jnp.asarray(anneal(cycle), jnp.float32)
-            dw = (sig[j] * factor) * z
-            idx = [jnp.clip(i, 0, int(s) - 1) for s in plan.sizes]
+        def set_at(xs, j, idx, values, where):
+            """Element idx[t] of leaf t set to values[t] where ``where & (j == t)`` (in place)."""
+            return [x.at[idx[t]].set(jnp.where(where & (j == t), values[t], x[idx[t]])) for t, x in enumerate(xs)]
 
-            def candidate(sign, apply=True):
-                # params + (u +/- dw) at element i of leaf j: what apply_updates will give
-                new_u, new_cur = [], []
-                for t in range(nv):
-                    hit = (j == t) & apply
-                    ut = u[t][idx[t]] + (sign * dw).astype(dtypes[t])
-                    ct = p0[t][idx[t]] + ut
-                    new_u.append(jnp.where(hit, u[t].at[idx[t]].set(ut), u[t]))
-                    new_cur.append(jnp.where(hit, cur[t].at[idx[t]].set(ct), cur[t]))
-                return new_cur, new_u
+        def segment(k, carry):
+            """Search the weights from the cursor to the end of its leaf (or the call's budget).
 
-            if layered:
-                lk = owner[j]
-                acts, acts_layer = jax.lax.cond(
-                    lk == acts_layer,
-                    lambda: (acts, acts_layer),
-                    lambda: (tuple(value_fn.activations(tree_of(cur))[0]), lk),
-                )
+            ``k``: the static index of the layer owning the leaf (layered path), else None.
+            One loop iteration = one loss evaluation: phase 0 (w, only when the current
+            loss is unknown), 1 (w + dw), 2 (w - dw, then the choice).
+            """
+            cursor, cycle, done, work, u, acc, loss, phase = carry
+            j = jnp.sum(cursor >= ends).astype(jnp.int32)
+            seg_end = ends[j]
+            if k is not None:
+                acts = tuple(stack.activations(tree_of(work))[0])
+                inc = k in incremental
+                f = stack.layers[k]
             else:
-                lk = None
+                acts, inc = (), False
 
-            # One evaluation site for w (when needed), w + dw and w - dw: every
-            # compared loss comes from the same compiled code.
-            def eval_one(e, losses):
-                return losses.at[e].set(evaluate(candidate(signs[e])[0], k_batch, acts, lk))
+            def evaluate(work, acts, key, i, delta):
+                params = tree_of(work)
+                if k is None:
+                    return value_fn(params, key) if per_weight_batch else value_fn(params)
+                if inc:
+                    return stack.from_layer(k + 1, params, f.add_column(acts[k + 1], acts[k], incremental[k], i, delta))
+                return stack.from_layer(k, params, acts[k])
+
+            def body(c):
+                cursor, done, work, u, acc, losses, phase, acts = c
+                i = cursor - starts[j]
+                idx = [jnp.clip(i, 0, int(s) - 1) for s in plan.sizes]
+                key = jax.random.fold_in(jax.random.fold_in(base, cycle), cursor)
+                k_step, k_batch = jax.random.split(key)
+                z = jax.random.normal(k_step, (), jnp.float32)
+                factor = jnp.float32(1.0) if anneal is None else jnp.asarray(anneal(cycle), jnp.float32)
+                dw = (sig[j] * factor) * z
+
+                def value(sign):  # params + (u + sign * dw) at the element, and u + sign * dw
+                    us = [u[t][idx[t]] + (sign * dw).astype(dtypes[t]) for t in range(nv)]
+                    return [p0[t][idx[t]] + us[t] for t in range(nv)], us
+
+                committed = [p0[t][idx[t]] + u[t][idx[t]] for t in range(nv)]
+                trial, _ = value(signs[phase])
+                delta = sum(jnp.where(j == t, (trial[t] - committed[t]).astype(jnp.float32), 0.0) for t in range(nv))
+                work = set_at(work, j, idx, trial, True)
+                losses = losses.at[phase].set(evaluate(work, acts, k_batch, i, delta))
+
+                # the choice, effective on the last phase: strict <, ties and NaN keep w
+                last = phase == 2
+                take_plus = losses[1] < losses[0]
+                best = jnp.where(take_plus, losses[1], losses[0])
+                take_minus = losses[2] < best
+                best = jnp.where(take_minus, losses[2], best)
+                accepted = last & (take_plus | take_minus)
+                chosen = jnp.where(take_minus, -1.0, 1.0).astype(jnp.float32)
+                final, u_new = value(chosen)
+                work = set_at(work, j, idx, [jnp.where(accepted, a, b) for a, b in zip(final, committed)], last)
+                u = set_at(u, j, idx, u_new, accepted)
+                if inc:
+                    d = sum(jnp.where(j == t, (final[t] - committed[t]).astype(jnp.float32), 0.0) for t in range(nv))
+                    out = f.add_column(acts[k + 1], acts[k], incremental[k], i, d, accepted)
+                    acts = acts[: k + 1] + (out,) + acts[k + 2:]
+                acc = acc + accepted.astype(jnp.int32)
+                losses = jnp.where(last, losses.at[0].set(best), losses)
+                phase = jnp.where(last, first_phase, phase + 1)
+                return cursor + last, done + last, work, u, acc, losses, phase, acts
+
+            def cond(c):
+                cursor, done = c[0], c[1]
+                return (done < weights_per_step) & (cursor < seg_end)
 
             losses = jnp.stack([loss, loss, loss])
-            first = jnp.where(need_base, 0, 1)
-            losses = jax.lax.fori_loop(first, 3, eval_one, losses)
-            base_loss, l_plus, l_minus = losses[0], losses[1], losses[2]
-            take_plus = l_plus < base_loss
-            best = jnp.where(take_plus, l_plus, base_loss)
-            take_minus = l_minus < best
-            best = jnp.where(take_minus, l_minus, best)
-            chosen = jnp.where(take_minus, -1.0, jnp.where(take_plus, 1.0, 0.0)).astype(jnp.float32)
-            cur, u = candidate(chosen, take_plus | take_minus)
-            acc = acc.at[j].add((take_plus | take_minus).astype(jnp.int32))
-            cursor = cursor + 1
+            c = (cursor, done, work, u, jnp.int32(0), losses, phase, acts)
+            cursor, done, work, u, n_acc, losses, phase, _ = jax.lax.while_loop(cond, body, c)
+            acc = acc.at[j].add(n_acc)
             wrap = cursor >= total
-            cycle = jnp.where(wrap, cycle + 1, cycle)
-            cursor = jnp.where(wrap, 0, cursor)
-            return cursor, cycle, cur, u, acc, best, acts, acts_layer, jnp.asarray(per_weight_batch)
+            return (jnp.where(wrap, 0, cursor), jnp.where(wrap, cycle + 1, cycle), done, work, u, acc,
+                    losses[0], phase)
 
-        acc0 = jnp.zeros([nv], jnp.int32)
-        u0 = [jnp.zeros_like(x) for x in p0]
+        def outer(carry):
+            if not layered:
+                return segment(None, carry)
+            j = jnp.sum(carry[0] >= ends)
+            branches = [functools.partial(segment, kk) for kk in range(n_layers)]
+            return jax.lax.switch(jnp.minimum(owner[j], n_layers - 1), branches, carry)
+
         loss_dtype = jax.eval_shape(value_fn, tree_of(p0), *((base,) if per_weight_batch else ())).dtype
-        loss0 = jnp.asarray(jnp.nan, loss_dtype)
-        if layered:
-            acts0 = tuple(value_fn.activations(tree_of(p0))[0])
-            acts_layer0 = owner[jnp.searchsorted(ends, state.rso_cursor, side="right")]
-        else:
-            acts0, acts_layer0 = (), jnp.int32(-1)
-        carry = (state.rso_cursor, state.rso_cycle, p0, u0, acc0, loss0, acts0,
-                 jnp.asarray(acts_layer0, jnp.int32), jnp.asarray(True))
-        cursor, cycle, _, u, acc, loss, _, _, _ = jax.lax.fori_loop(0, weights_per_step, body, carry)
+        carry = (state.rso_cursor, state.rso_cycle, jnp.int32(0), p0, [jnp.zeros_like(x) for x in p0],
+                 jnp.zeros([nv], jnp.int32), jnp.asarray(jnp.nan, loss_dtype), jnp.int32(0))
+        cursor, cycle, _, _, u, acc, loss, _ = jax.lax.while_loop(lambda c: c[2] < weights_per_step, outer, carry)
 
         out = [None if x is None else jnp.zeros_like(x) for x in leaves]
         for t, i in enumerate(vis):
