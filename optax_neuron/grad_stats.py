@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_neuron._validate import require_floating
 from optax_neuron.fan_in import neuron_shape, path_str, resolve_fan_in
 
 __all__ = [
@@ -104,7 +105,7 @@ class GradientNormsState(NamedTuple):
 def _acc_dtype(dtype: Any, accumulator_dtype: Any) -> Any:
     if accumulator_dtype is not None:
         return jnp.dtype(accumulator_dtype)
-    # float16/bfloat16 (and integers) accumulate in float32; float32/64 stay.
+    # float16/bfloat16 accumulate in float32; float32/64 stay.
     return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -160,8 +161,11 @@ def running_gradient_mean(
       emit: ``"updates"`` returns the incoming updates object unchanged (pure
         monitoring); ``"mean"`` returns the running mean, cast to the dtype of
         each update leaf.
-      accumulator_dtype: dtype of the mean; default float32 for float16,
-        bfloat16 and integer updates, the update dtype otherwise.
+      accumulator_dtype: dtype of the mean; default float32 for float16 and
+        bfloat16 updates, the update dtype otherwise.
+
+    Raises:
+      TypeError: a non-floating-point parameter or update (its path is named).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``None`` leaves (masked
@@ -182,11 +186,13 @@ def running_gradient_mean(
     _check_decay(decay)
 
     def init_fn(params):
+        require_floating(params, "running_gradient_mean", "parameters")
         mean = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _acc_dtype(p.dtype, accumulator_dtype)), params)
         return RunningGradientMeanState(gradient_mean_count=jnp.zeros([], jnp.int32), gradient_mean=mean)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
+        require_floating(updates, "running_gradient_mean", "updates")
         count = optax.safe_increment(state.gradient_mean_count)
 
         def weight(dtype):  # w_t, computed in the accumulator dtype
@@ -289,6 +295,7 @@ def gradient_norms(fan_in: Any = None, per_neuron: bool = True) -> optax.Gradien
     per_neuron = bool(per_neuron)
 
     def measure(tree):
+        require_floating(tree, "gradient_norms", "updates")
         norms = leaf_norms(tree)
         squares = [jnp.square(n.astype(jnp.float32)) for n in jax.tree.leaves(norms)]
         global_norm = jnp.sqrt(sum(squares)) if squares else jnp.zeros([], jnp.float32)

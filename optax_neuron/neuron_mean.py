@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_neuron._validate import require_floating
 from optax_neuron.fan_in import fan_in_size, neuron_shape, path_str, resolve_fan_in
 
 __all__ = ["NeuronMeanTraceState", "neuron_mean_sgd", "neuron_mean_trace"]
@@ -58,15 +59,6 @@ def _check_decay(value: Any, name: str) -> None:
             raise ValueError(f"{name} must be a scalar number in [0, 1), got {value!r}")
         if not 0.0 <= float(arr) < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-
-
-def _check_inexact(path: str, leaf: Any, what: str) -> None:
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-        raise TypeError(
-            f"neuron-mean momentum needs floating-point {what}; {what[:-1]} {path!r} "
-            f"has dtype {dtype} (mask it out with optax.masked or pass it as None)"
-        )
 
 
 def _mean_dtype(*dtypes) -> Any:
@@ -154,10 +146,10 @@ def neuron_mean_trace(
             raise ValueError(f"accumulator_dtype must be a floating-point dtype, got {accumulator_dtype}")
 
     def init_fn(params):
+        require_floating(params, "neuron-mean momentum", "parameters")
         axes = resolve_fan_in(fan_in, params)
 
         def zeros(path, p, ax):
-            _check_inexact(path_str(path), p, "parameters")
             dtype = p.dtype if accumulator_dtype is None else accumulator_dtype
             return jnp.zeros(neuron_shape(p.shape, ax), dtype)
 
@@ -167,11 +159,11 @@ def neuron_mean_trace(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
+        require_floating(updates, "neuron-mean momentum", "updates")
         axes = resolve_fan_in(fan_in, updates)
 
         def one(path, g, m, ax):
             p = path_str(path)
-            _check_inexact(p, g, "updates")
             if m.shape != neuron_shape(g.shape, ax):
                 raise ValueError(
                     f"the state of parameter {p!r} has shape {m.shape}, expected "

@@ -184,17 +184,14 @@ def test_rso_integer_leaf_is_a_clear_error():
         on.rso().init(INT_PARAMS)
 
 
-def test_monitors_accept_integer_updates_in_float32():
-    # Documented: grad_stats averages and measures integer updates in float32.
+def test_monitors_integer_leaf_is_a_clear_error():
     g = {"dense": {"kernel": jnp.array([[1, 2], [3, 4], [5, 6]], jnp.int32)}}
-    tx = on.running_gradient_mean()
-    _, state = tx.update(g, tx.init(g), g)
-    assert state.gradient_mean["dense"]["kernel"].dtype == jnp.float32
-    np.testing.assert_array_equal(state.gradient_mean["dense"]["kernel"], np.asarray(g["dense"]["kernel"]))
-    tx = on.gradient_norms()
-    u, state = tx.update(g, tx.init(g), g)
-    assert u is g
-    np.testing.assert_allclose(float(state.gradient_global_norm), np.sqrt(91.0), rtol=1e-6)
+    f = {"dense": {"kernel": jnp.ones((3, 2))}}
+    for name, tx in (("running_gradient_mean", on.running_gradient_mean()), ("gradient_norms", on.gradient_norms())):
+        with pytest.raises(TypeError, match=rf"{name} needs floating-point .*'dense/kernel' has dtype int32"):
+            tx.init(g)
+        with pytest.raises(TypeError, match=rf"{name} needs floating-point updates.*'dense/kernel' has dtype int32"):
+            tx.update(g, tx.init(f), f)
 
 
 # ------------------------------------------------------------------ float16, large fan-in
