@@ -502,7 +502,7 @@ def rso(
             """Element idx[t] of leaf t set to values[t] where ``where & (j == t)`` (in place)."""
             return [x.at[idx[t]].set(jnp.where(where & (j == t), values[t], x[idx[t]])) for t, x in enumerate(xs)]
 
-        def segment(k, carry):
+        def segment(k, carry, acts=()):
             """Search the weights from the cursor to the end of its leaf (or the call's budget).
 
             ``k``: the static index of the layer owning the leaf (layered path), else None.
@@ -513,11 +513,10 @@ def rso(
             j = jnp.sum(cursor >= ends).astype(jnp.int32)
             seg_end = ends[j]
             if k is not None:
-                acts = tuple(stack.activations(tree_of(work))[0])
                 inc = k in incremental
                 f = stack.layers[k]
             else:
-                acts, inc = (), False
+                inc = False
 
             def evaluate(work, acts, key, i, delta):
                 params = tree_of(work)
@@ -583,8 +582,9 @@ def rso(
             if not layered:
                 return segment(None, carry)
             j = jnp.sum(carry[0] >= ends)
+            acts = tuple(stack.activations(tree_of(carry[3]))[0])  # the inputs of every layer, once per segment
             branches = [functools.partial(segment, kk) for kk in range(n_layers)]
-            return jax.lax.switch(jnp.minimum(owner[j], n_layers - 1), branches, carry)
+            return jax.lax.switch(jnp.minimum(owner[j], n_layers - 1), branches, carry, acts)
 
         loss_dtype = jax.eval_shape(value_fn, tree_of(p0), *((base,) if per_weight_batch else ())).dtype
         carry = (state.rso_cursor, state.rso_cycle, jnp.int32(0), p0, [jnp.zeros_like(x) for x in p0],

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from optax_neuron import LayerStack, RSOState, rso, rso_init
+from optax_neuron import LayerStack, RSOState, conv_layer, dense_layer, rso, rso_init
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -323,6 +323,61 @@ def test_layer_stack_fast_path_equals_black_box():
     assert sum(int(v) for v in fast[-1][1].rso_accepted.values()) > 10
 
 
+def test_incremental_columns_match_recomputed_layers():
+    key = jax.random.key(3)
+    h = jax.random.normal(key, (2, 5, 4, 3))
+    params = {"c": {"kernel": jax.random.normal(key, (3, 3, 3, 6))}, "d": {"kernel": jax.random.normal(key, (3, 7))}}
+    for layer, shape, x in [(conv_layer("c/kernel"), (3, 3, 3, 6), h), (dense_layer("d/kernel"), (3, 7), h),
+                            (conv_layer("c/kernel", padding="VALID"), (3, 3, 3, 6), h)]:
+        path = layer.kernel.split("/")[0]
+        out = layer(params, x)
+        for flat in (0, 17, int(np.prod(shape)) - 1):
+            moved = jax.tree.map(lambda a: a, params)
+            moved[path]["kernel"] = params[path]["kernel"].ravel().at[flat].add(0.5).reshape(shape)
+            expect = np.asarray(layer(moved, x))
+            got = np.asarray(layer.add_column(out, x, shape, jnp.int32(flat), jnp.float32(0.5)))
+            np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+            kept = layer.add_column(out, x, shape, jnp.int32(flat), jnp.float32(0.5), apply=False)
+            np.testing.assert_array_equal(np.asarray(kept), np.asarray(out))
+
+
+def test_incremental_fast_path_matches_black_box():
+    params, layers = _small_cnn()
+    layers = [conv_layer("conv0/kernel"), layers[1], conv_layer("conv1/kernel"), layers[3],
+              dense_layer("head/kernel"), lambda p, h: h + p["head"]["bias"]]
+    x = jax.random.normal(jax.random.key(8), (8, 6, 6, 1))
+    y = jax.random.randint(jax.random.key(9), (8,), 0, 3)
+    tx = rso(weights_per_step=120, sigma=[("*scale", 0.2), ("*bias", 0.2), ("*", None)], seed=2)
+    fast = _run(tx, params, lambda: LayerStack(layers, _ce, x, y), 2)
+    slow = _run(tx, params, lambda: (lambda p: LayerStack(layers, _ce, x, y)(p)), 2)
+    # The candidates' losses differ by float32 rounding only; on this setup no decision flips,
+    # so the accepted weights are the same bits.
+    for (pf, sf, _), (ps, ss, _) in zip(fast, slow):
+        for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(ps)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_allclose(float(sf.rso_loss), float(ss.rso_loss), rtol=1e-5)
+    assert sum(int(v) for v in fast[-1][1].rso_accepted.values()) > 10
+
+
+def test_layer_stack_from_an_nnx_sequential():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = rso_init(jax.random.key(0), params)
+
+    def layer(i):  # layer i of the model, reading only its own parameters
+        return lambda p, h: nnx.merge(graphdef, p, rest).layers[i](h)
+
+    layers = [layer(i) for i in range(3)]
+    x, y = _data(jax.random.key(1))
+    tx = rso(weights_per_step=40)
+    fast = _run(tx, params, lambda: LayerStack(layers, _ce, x, y), 2)[-1]
+    slow = _run(tx, params, lambda: (lambda p: _ce(nnx.merge(graphdef, p, rest)(x), y)), 2)[-1]
+    for a, b in zip(jax.tree.leaves(fast[0]), jax.tree.leaves(slow[0])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sum(int(v) for v in fast[1].rso_accepted.values()) > 0
+
+
 # ----------------------------------------------------------------- init, search, order
 
 
@@ -436,4 +491,8 @@ def test_bad_input_errors():
         rso(search=[("nothing", True)]).init(params)
     with pytest.raises(TypeError, match="anneal"):
         rso(anneal=0.5)
+    with pytest.raises(ValueError, match="fast_path"):
+        rso(fast_path="fast")
+    with pytest.raises(ValueError, match="nope/kernel"):
+        dense_layer("nope/kernel")(params, jnp.ones((2, 6)))
     assert isinstance(state, RSOState)
