@@ -58,6 +58,8 @@ def patch_conv(
     def ones(v):
         return v is None or all(int(d) == 1 for d in v)
 
+    if isinstance(dimension_numbers, (tuple, list)) and all(isinstance(d, str) for d in dimension_numbers):
+        dimension_numbers = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, tuple(dimension_numbers))
     nhwc = dimension_numbers is None or (
         tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
         and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)

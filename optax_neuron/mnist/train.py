@@ -144,6 +144,7 @@ class TrainConfig:
     resume: bool = False
     hidden: int | None = None
     rso_batch_size: int = 5000
+    stop_after: int | None = None  # end after this many epochs as if interrupted (tests)
     rso_chunk: int = 1000
     eval_batch_size: int = 1000
 
@@ -351,7 +352,8 @@ def run(
             log(f"resumed from {ckpt.directory} after epoch {start}")
     train_epoch = make_train_epoch(graphdef, batch_size)
     t_start = time.perf_counter() - (history[-1]["wall_time"] if history else 0.0)
-    bar = _progress(range(start, config.epochs), f"{config.optimizer}", progress, initial=start, total=config.epochs)
+    last = config.epochs if config.stop_after is None else min(config.epochs, config.stop_after)
+    bar = _progress(range(start, last), f"{config.optimizer}", progress, initial=start, total=config.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         state, loss, acc = train_epoch(state, x_train, y_train, _epoch_key(config.seed, epoch))
@@ -449,7 +451,8 @@ def rso_layers(model: nnx.Sequential) -> list[Callable]:
     layers: list[Callable] = []
     for i, layer in enumerate(model.layers):
         if isinstance(layer, nnx.Conv):
-            if tuple(layer.strides or (1, 1)) not in ((1, 1), 1) or layer.feature_group_count != 1:
+            strides = layer.strides if isinstance(layer.strides, (tuple, list)) else (layer.strides or 1,)
+            if any(int(s) != 1 for s in strides) or layer.feature_group_count != 1:
                 raise ValueError(f"rso_layers: layers/{i} is not a stride-1 ungrouped convolution")
             layers.append(on.conv_layer(f"layers/{i}/kernel", padding=layer.padding, conv_fn=patch_conv))
         elif isinstance(layer, nnx.Linear):
@@ -476,8 +479,8 @@ def calibrate_batch_norm(model: nnx.Sequential, images: jax.Array) -> None:
     h = images
     for layer in model.layers:
         if isinstance(layer, nnx.BatchNorm):
-            layer.mean.value = jnp.mean(h, axis=(0, 1, 2))
-            layer.var.value = jnp.var(h, axis=(0, 1, 2))
+            layer.mean[...] = jnp.mean(h, axis=(0, 1, 2))
+            layer.var[...] = jnp.var(h, axis=(0, 1, 2))
             h = layer(h, use_running_average=True)
         else:
             h = layer(h)
@@ -543,7 +546,8 @@ def _run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
         params, opt_state = got["params"], got["rso"]
         history = list(meta["history"])
     t_start = time.perf_counter() - (history[-1]["wall_time"] if history else 0.0)
-    for cycle in range(start, cycles):
+    last = cycles if config.stop_after is None else min(cycles, config.stop_after)
+    for cycle in range(start, last):
         t0 = time.perf_counter()
         bar = _progress(range(calls), f"rso cycle {cycle + 1}/{cycles}", progress, unit="w", unit_scale=chunk)
         for c in bar:

@@ -1,0 +1,82 @@
+"""Models: shapes, parameter counts from the architecture, the im2col convolution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optax_neuron as on
+from optax_neuron.mnist.models import make_model, patch_conv
+from optax_neuron.mnist.train import calibrate_batch_norm, rso_layers
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, padding",
+    [
+        ((2, 9, 9, 1), (3, 3, 1, 4), "SAME"),
+        ((3, 7, 6, 5), (3, 3, 5, 2), "SAME"),
+        ((2, 8, 8, 3), (2, 2, 3, 4), "SAME"),  # even kernel: asymmetric SAME padding
+        ((2, 8, 7, 3), (3, 2, 3, 4), "VALID"),
+        ((1, 6, 6, 2), (3, 3, 2, 3), ((2, 0), (1, 1))),
+    ],
+)
+def test_patch_conv_equals_lax_conv(shape, kernel, padding):
+    kx, kw = jax.random.split(jax.random.key(0))
+    x, w = jax.random.normal(kx, shape), jax.random.normal(kw, kernel)
+    dn = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
+    ref = jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn,
+                                       precision=jax.lax.Precision.HIGHEST)
+    got = patch_conv(x, w, (1, 1), padding, dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # gradients too (what training uses)
+    f = lambda conv: jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w, (1, 1), padding, dimension_numbers=dn,
+                                                              precision=jax.lax.Precision.HIGHEST))))(w)
+    np.testing.assert_allclose(f(patch_conv), f(jax.lax.conv_general_dilated), rtol=1e-4, atol=1e-4)
+
+
+def test_patch_conv_falls_back_for_strides():
+    x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 3))
+    ref = jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(patch_conv(x, w, (2, 2), "SAME", dimension_numbers=dn), ref)
+
+
+def _n_params(model):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_models_shapes_and_sizes():
+    x = jnp.zeros((3, 28, 28, 1))
+    mlp = make_model("mlp", nnx.Rngs(0), hidden=20)
+    assert mlp(x).shape == (3, 10) and _n_params(mlp) == 784 * 20 + 20 + 20 * 10 + 10
+    cnn = make_model("cnn", nnx.Rngs(0))
+    assert cnn(x).shape == (3, 10)
+    assert _n_params(cnn) == (9 * 32 + 32) + (9 * 32 * 64 + 64) + (7 * 7 * 64 * 128 + 128) + (128 * 10 + 10)
+    paper = make_model("rso-paper", nnx.Rngs(0))
+    paper.eval()
+    assert paper(x).shape == (3, 10)
+    # 6 conv3x3 (16 filters, no bias) + 6 BatchNorm (scale, shift) + dense 16 -> 10 without bias
+    assert _n_params(paper) == 9 * 16 + 5 * 9 * 16 * 16 + 6 * 2 * 16 + 16 * 10
+    convs = [l for l in paper.layers if isinstance(l, nnx.Conv)]
+    pools = [i for i, l in enumerate(paper.layers) if getattr(l, "func", None) is nnx.avg_pool]
+    assert len(convs) == 6 and len(pools) == 2
+    with pytest.raises(ValueError, match="model must be one of"):
+        make_model("resnet", nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", ["mlp", "rso-paper"])
+def test_rso_layers_compute_the_model(name):
+    model = make_model(name, nnx.Rngs(1), **({"hidden": 8} if name == "mlp" else {"channels": 4}))
+    model.train()  # BatchNorm with batch statistics, as RSO's loss uses
+    x = jax.random.uniform(jax.random.key(2), (16, 28, 28, 1))
+    y = jnp.arange(16) % 10
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    ce = lambda logits, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+    stack = on.LayerStack(rso_layers(model), ce, x, y)
+    np.testing.assert_allclose(stack(params), ce(model(x), y), rtol=1e-5)
+    if name == "rso-paper":
+        calibrate_batch_norm(model, x)
+        model.eval()  # running averages now equal the statistics of x
+        np.testing.assert_allclose(ce(model(x), y), stack(params), rtol=1e-4)
