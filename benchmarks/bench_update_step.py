@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import optax_neuron as on  # noqa: E402
 from common import Runner, add_common_args, format_table, machine_line, time_interleaved, tree_bytes  # noqa: E402
-from optax_neuron.fan_in import fan_in_size, path_str  # noqa: E402
+from optax_neuron.fan_in import fan_in_size, neuron_shape, path_str  # noqa: E402
 
 LEARNING_RATE = 1e-3
 MOMENTUM = 0.9
@@ -143,6 +143,19 @@ def make_runner(name, tx, params, grads) -> Runner:
     return Runner(name, lambda carry: step(carry, grads), (own, tx.init(own)))
 
 
+def reduction_runner(params, grads) -> Runner:
+    """Diagnostic: only the fan-in means of the gradients (what neuron-mean adds to a plain SGD pass)."""
+    axes = on.resolve_fan_in(None, params)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(acc, grads):
+        means = jax.tree.map(lambda g, a: jnp.mean(g, axis=a, keepdims=True) if a else g, grads, axes)
+        return jax.tree.map(jnp.add, acc, means)
+
+    acc = jax.tree.map(lambda g, a: jnp.zeros(neuron_shape(g.shape, a), g.dtype), grads, axes)
+    return Runner("(fan-in means only)", lambda a: step(a, grads), acc)
+
+
 def n_params(tree) -> int:
     return sum(x.size for x in jax.tree.leaves(tree))
 
@@ -200,6 +213,7 @@ def main(argv=None) -> dict:
         # The 55M tree: fewer repeats (each step moves about 1 GB).
         r = max(3, repeats // 2) if n_params(params) > 20e6 else repeats
         runners = [make_runner(n, tx, params, grads) for n, tx in optimizers().items()]
+        runners.append(reduction_runner(params, grads))
         time_interleaved(runners, repeats=r, warmup=2)
         med = {x.name: x.median for x in runners}
         results[tree_name] = med

@@ -52,7 +52,7 @@ def test_update_step_quick(capsys):
     out = capsys.readouterr().out
     assert set(results) == {"MNIST CNN (app)", "transformer (tiny)"}
     for medians in results.values():
-        assert len(medians) == 5 and all(math.isfinite(t) and t > 0 for t in medians.values())
+        assert len(medians) == 6 and all(math.isfinite(t) and t > 0 for t in medians.values())
     # 8.2: kernel state / momentum trace = sum(size / fan_in) / sum(size), from the CNN's shapes.
     shapes = [((3, 3, 1, 32), 9), ((3, 3, 32, 64), 9 * 32), ((3136, 128), 3136), ((128, 10), 128)]
     size = [math.prod(s) for s, _ in shapes]
