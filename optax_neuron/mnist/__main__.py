@@ -1,7 +1,7 @@
 """Command line: ``python -m optax_neuron.mnist`` / ``optax-neuron-mnist``.
 
-With no arguments it runs the demo: neuron-mean momentum on the ``cnn`` model,
-3 epochs on real MNIST. ``--help`` lists every option. The last line printed
+With no arguments it runs the demo: neuron-mean momentum (learning rate 0.1,
+momentum 0.9, cosine decay, batch 64) on the ``cnn`` model, 4 epochs on real MNIST. ``--help`` lists every option. The last line printed
 is the final test accuracy. Bad arguments give one ``error:`` line on stderr
 and exit code 2.
 
@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="cnn", choices=sorted(MODELS), help="default: cnn")
     p.add_argument("--hidden", type=_positive("--hidden"), default=None,
                    help="hidden units of mlp/cnn (channels of rso-paper); default: the model's")
-    p.add_argument("--epochs", type=_positive("--epochs", 0), default=3, help="epochs (RSO: cycles); default 3")
-    p.add_argument("--batch-size", type=_positive("--batch-size"), default=128, help="default 128 (RSO: --rso-batch-size)")
+    p.add_argument("--epochs", type=_positive("--epochs", 0), default=4, help="epochs (RSO: cycles); default 4")
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="default 64 (RSO: --rso-batch-size)")
     p.add_argument("--learning-rate", type=_positive_float("--learning-rate"), default=None,
                    help="peak learning rate; default per optimizer")
     p.add_argument("--momentum", type=_positive_float("--momentum", allow_zero=True), default=None,

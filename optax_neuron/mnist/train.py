@@ -132,8 +132,8 @@ class TrainConfig:
 
     optimizer: str = "neuron-mean-sgd"
     model: str = "cnn"
-    epochs: int = 3
-    batch_size: int = 128
+    epochs: int = 4
+    batch_size: int = 64
     learning_rate: float | None = None
     momentum: float | None = None
     schedule: str = "cosine"
@@ -397,7 +397,7 @@ def run(
     }
 
 
-def _report(record: dict, writer: Any, bar: Any, log: Callable | None, name: str) -> None:
+def _report(record: dict, writer: Any, bar: Any, log: Callable | None, name: str, unit: str = "epoch") -> None:
     step = record["epoch"]
     if writer is not None:
         on.write_metrics(
@@ -413,7 +413,7 @@ def _report(record: dict, writer: Any, bar: Any, log: Callable | None, name: str
         bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_acc=f"{record['test_accuracy']:.4f}")
     if log is not None:
         log(
-            f"{name} epoch {step}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}, "
+            f"{name} {unit} {step}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}, "
             f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}, "
             f"{record['wall_time']:.1f}s"
         )
@@ -506,6 +506,10 @@ def _chunk_size(total: int, target: int) -> int:
     return best if best * 4 >= target else total
 
 
+RSO_NORM_SIGMA = 0.1
+"""RSO step for BatchNorm scale and shift (their std at init is 0)."""
+
+
 def _run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
     """RSO: ``config.epochs`` cycles over every searched weight, minibatch per call."""
     n = x_train.shape[0]
@@ -515,11 +519,13 @@ def _run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
     params = on.rso_init(jax.random.PRNGKey(config.seed), nnx.to_pure_dict(param_state))
     cycles = config.epochs
     anneal = optax.linear_schedule(1.0, 0.1, max(cycles, 1))
-    probe = on.rso(seed=config.seed).init(params)
+    # BatchNorm scale and shift start constant (std 0): give them a fixed step.
+    sigma = [("*scale", RSO_NORM_SIGMA), ("*bias", RSO_NORM_SIGMA), ("*", None)]
+    probe = on.rso(seed=config.seed, sigma=sigma).init(params)
     total = _searched_count(probe, params)
     chunk = _chunk_size(total, config.rso_chunk)
     calls = total // chunk
-    tx = on.rso(seed=config.seed, weights_per_step=chunk, anneal=anneal)
+    tx = on.rso(seed=config.seed, weights_per_step=chunk, anneal=anneal, sigma=sigma)
     opt_state = tx.init(params)
 
     @jax.jit
@@ -574,7 +580,7 @@ def _run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
                 model, data.val_images, data.val_labels, config.eval_batch_size
             )
         history.append(record)
-        _report(record, writer, None, log, "rso cycle")
+        _report(record, writer, None, log, "rso", "cycle")
         if ckpt is not None:
             ckpt.save(cycle + 1, {"params": params, "rso": opt_state}, {"history": history})
     if ckpt is not None:
