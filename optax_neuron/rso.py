@@ -195,7 +195,11 @@ class LayerStack:
     the same result), but the search then caches the activation entering the
     layer that owns the searched weight and re-runs only that layer and the
     ones after it for each candidate. The owner of a leaf is the first layer
-    whose computation reads it (found by tracing each layer once).
+    whose computation reads it (found by tracing each layer once). The inputs
+    of all layers are computed once per searched leaf (per *segment*). Layers
+    built with :func:`conv_layer` / :func:`dense_layer` are not even re-run:
+    with ``rso(fast_path="incremental")`` the candidate's change is added to
+    their cached output as one column (see :class:`LinearLayer`).
 
     It is a pytree: ``inputs`` and ``targets`` are its leaves, the functions are
     static, so a jitted step taking the batch as an argument compiles once.
@@ -486,7 +490,8 @@ def rso(
         if layered:
             stack = value_fn
             owner_all = _owners(stack, tree_of(p0), list(leaves), plan.treedef)
-            owner = jnp.asarray([owner_all[i] for i in vis], jnp.int32)
+            owner_static = [min(owner_all[i], len(stack.layers) - 1) for i in vis]
+            owner = jnp.asarray(owner_static, jnp.int32)
             n_layers = len(stack.layers)
             # layers whose candidates are applied as one added column
             incremental = {}
@@ -498,9 +503,12 @@ def rso(
         signs = jnp.asarray([0.0, 1.0, -1.0], jnp.float32)
         first_phase = 0 if per_weight_batch else 1  # phase 0 evaluates w itself
 
-        def set_at(xs, j, idx, values, where):
-            """Element idx[t] of leaf t set to values[t] where ``where & (j == t)`` (in place)."""
-            return [x.at[idx[t]].set(jnp.where(where & (j == t), values[t], x[idx[t]])) for t, x in enumerate(xs)]
+        def set_at(xs, mine, j, idx, values, where):
+            """Element idx[t] of leaf t in ``mine`` set to values[t] where ``where & (j == t)`` (in place)."""
+            xs = list(xs)
+            for t in mine:
+                xs[t] = xs[t].at[idx[t]].set(jnp.where(where & (j == t), values[t], xs[t][idx[t]]))
+            return xs
 
         def segment(k, carry, acts=()):
             """Search the weights from the cursor to the end of its leaf (or the call's budget).
@@ -515,8 +523,10 @@ def rso(
             if k is not None:
                 inc = k in incremental
                 f = stack.layers[k]
+                mine = [t for t in range(nv) if owner_static[t] == k]  # the leaves this layer owns
             else:
                 inc = False
+                mine = list(range(nv))
 
             def evaluate(work, acts, key, i, delta):
                 params = tree_of(work)
@@ -529,7 +539,7 @@ def rso(
             def body(c):
                 cursor, done, work, u, acc, losses, phase, acts = c
                 i = cursor - starts[j]
-                idx = [jnp.clip(i, 0, int(s) - 1) for s in plan.sizes]
+                idx = {t: jnp.clip(i, 0, int(plan.sizes[t]) - 1) for t in mine}
                 key = jax.random.fold_in(jax.random.fold_in(base, cycle), cursor)
                 k_step, k_batch = jax.random.split(key)
                 z = jax.random.normal(k_step, (), jnp.float32)
@@ -537,13 +547,13 @@ def rso(
                 dw = (sig[j] * factor) * z
 
                 def value(sign):  # params + (u + sign * dw) at the element, and u + sign * dw
-                    us = [u[t][idx[t]] + (sign * dw).astype(dtypes[t]) for t in range(nv)]
-                    return [p0[t][idx[t]] + us[t] for t in range(nv)], us
+                    us = {t: u[t][idx[t]] + (sign * dw).astype(dtypes[t]) for t in mine}
+                    return {t: p0[t][idx[t]] + us[t] for t in mine}, us
 
-                committed = [p0[t][idx[t]] + u[t][idx[t]] for t in range(nv)]
+                committed = {t: p0[t][idx[t]] + u[t][idx[t]] for t in mine}
                 trial, _ = value(signs[phase])
-                delta = sum(jnp.where(j == t, (trial[t] - committed[t]).astype(jnp.float32), 0.0) for t in range(nv))
-                work = set_at(work, j, idx, trial, True)
+                delta = sum(jnp.where(j == t, (trial[t] - committed[t]).astype(jnp.float32), 0.0) for t in mine)
+                work = set_at(work, mine, j, idx, trial, True)
                 losses = losses.at[phase].set(evaluate(work, acts, k_batch, i, delta))
 
                 # the choice, effective on the last phase: strict <, ties and NaN keep w
@@ -555,10 +565,10 @@ def rso(
                 accepted = last & (take_plus | take_minus)
                 chosen = jnp.where(take_minus, -1.0, 1.0).astype(jnp.float32)
                 final, u_new = value(chosen)
-                work = set_at(work, j, idx, [jnp.where(accepted, a, b) for a, b in zip(final, committed)], last)
-                u = set_at(u, j, idx, u_new, accepted)
+                work = set_at(work, mine, j, idx, {t: jnp.where(accepted, final[t], committed[t]) for t in mine}, last)
+                u = set_at(u, mine, j, idx, u_new, accepted)
                 if inc:
-                    d = sum(jnp.where(j == t, (final[t] - committed[t]).astype(jnp.float32), 0.0) for t in range(nv))
+                    d = sum(jnp.where(j == t, (final[t] - committed[t]).astype(jnp.float32), 0.0) for t in mine)
                     out = f.add_column(acts[k + 1], acts[k], incremental[k], i, d, accepted)
                     acts = acts[: k + 1] + (out,) + acts[k + 2:]
                 acc = acc + accepted.astype(jnp.int32)
@@ -584,7 +594,7 @@ def rso(
             j = jnp.sum(carry[0] >= ends)
             acts = tuple(stack.activations(tree_of(carry[3]))[0])  # the inputs of every layer, once per segment
             branches = [functools.partial(segment, kk) for kk in range(n_layers)]
-            return jax.lax.switch(jnp.minimum(owner[j], n_layers - 1), branches, carry, acts)
+            return jax.lax.switch(owner[j], branches, carry, acts)
 
         loss_dtype = jax.eval_shape(value_fn, tree_of(p0), *((base,) if per_weight_batch else ())).dtype
         carry = (state.rso_cursor, state.rso_cycle, jnp.int32(0), p0, [jnp.zeros_like(x) for x in p0],

@@ -302,27 +302,6 @@ def _small_cnn():
     return params, layers
 
 
-def test_layer_stack_fast_path_equals_black_box():
-    params, layers = _small_cnn()
-    kx, ky = jax.random.split(jax.random.key(7))
-    batches = [(jax.random.normal(jax.random.fold_in(kx, i), (8, 6, 6, 1)),
-                jax.random.randint(jax.random.fold_in(ky, i), (8,), 0, 3)) for i in range(3)]
-    sigma = [("*scale", 0.2), ("*bias", 0.2), ("*", None)]
-    # Every searched leaf: 36 + 144 + 12 kernel + 4*4 norm = 208; 3 calls x 80 crosses a cycle.
-    tx = rso(weights_per_step=80, sigma=sigma, seed=4)
-    fast = _run(tx, params, lambda x, y: LayerStack(layers, _ce, x, y), 3, batches)
-    slow = _run(tx, params, lambda x, y: (lambda p: LayerStack(layers, _ce, x, y)(p)), 3, batches)
-    assert set(fast[0][1].rso_accepted) == {"bn0/bias", "bn0/scale", "bn1/bias", "bn1/scale",
-                                            "conv0/kernel", "conv1/kernel", "head/kernel"}
-    for (pf, sf, _), (ps, ss, _) in zip(fast, slow):
-        for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(ps)):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        assert float(sf.rso_loss) == float(ss.rso_loss)
-        assert {k: int(v) for k, v in sf.rso_accepted.items()} == {k: int(v) for k, v in ss.rso_accepted.items()}
-    assert int(fast[-1][1].rso_cycle) == 1
-    assert sum(int(v) for v in fast[-1][1].rso_accepted.values()) > 10
-
-
 def test_incremental_columns_match_recomputed_layers():
     key = jax.random.key(3)
     h = jax.random.normal(key, (2, 5, 4, 3))
@@ -331,32 +310,48 @@ def test_incremental_columns_match_recomputed_layers():
                             (conv_layer("c/kernel", padding="VALID"), (3, 3, 3, 6), h)]:
         path = layer.kernel.split("/")[0]
         out = layer(params, x)
+
+        @jax.jit
+        def check(flat, layer=layer, path=path, out=out, shape=shape, x=x):
+            moved = {**params, path: {"kernel": params[path]["kernel"].ravel().at[flat].add(0.5).reshape(shape)}}
+            return (layer(moved, x), layer.add_column(out, x, shape, flat, jnp.float32(0.5)),
+                    layer.add_column(out, x, shape, flat, jnp.float32(0.5), apply=False))
+
         for flat in (0, 17, int(np.prod(shape)) - 1):
-            moved = jax.tree.map(lambda a: a, params)
-            moved[path]["kernel"] = params[path]["kernel"].ravel().at[flat].add(0.5).reshape(shape)
-            expect = np.asarray(layer(moved, x))
-            got = np.asarray(layer.add_column(out, x, shape, jnp.int32(flat), jnp.float32(0.5)))
-            np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
-            kept = layer.add_column(out, x, shape, jnp.int32(flat), jnp.float32(0.5), apply=False)
+            expect, got, kept = check(jnp.int32(flat))
+            np.testing.assert_allclose(np.asarray(got), np.asarray(expect), rtol=1e-5, atol=1e-5)
             np.testing.assert_array_equal(np.asarray(kept), np.asarray(out))
 
 
-def test_incremental_fast_path_matches_black_box():
+def test_layer_stack_fast_paths_match_black_box():
     params, layers = _small_cnn()
     layers = [conv_layer("conv0/kernel"), layers[1], conv_layer("conv1/kernel"), layers[3],
               dense_layer("head/kernel"), lambda p, h: h + p["head"]["bias"]]
-    x = jax.random.normal(jax.random.key(8), (8, 6, 6, 1))
-    y = jax.random.randint(jax.random.key(9), (8,), 0, 3)
-    tx = rso(weights_per_step=120, sigma=[("*scale", 0.2), ("*bias", 0.2), ("*", None)], seed=2)
-    fast = _run(tx, params, lambda: LayerStack(layers, _ce, x, y), 2)
-    slow = _run(tx, params, lambda: (lambda p: LayerStack(layers, _ce, x, y)(p)), 2)
-    # The candidates' losses differ by float32 rounding only; on this setup no decision flips,
-    # so the accepted weights are the same bits.
-    for (pf, sf, _), (ps, ss, _) in zip(fast, slow):
-        for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(ps)):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        np.testing.assert_allclose(float(sf.rso_loss), float(ss.rso_loss), rtol=1e-5)
-    assert sum(int(v) for v in fast[-1][1].rso_accepted.values()) > 10
+    kx, ky = jax.random.split(jax.random.key(7))
+    batches = [(jax.random.normal(jax.random.fold_in(kx, i), (8, 6, 6, 1)),
+                jax.random.randint(jax.random.fold_in(ky, i), (8,), 0, 3)) for i in range(3)]
+    sigma = [("*scale", 0.2), ("*bias", 0.2), ("*", None)]
+    # Searched: 36 + 144 + 12 kernel weights + 4 x 4 norm = 208; 3 calls x 80 cross a cycle.
+    runs = {}
+    for fast_path in ("off", "cache", "incremental"):
+        tx = rso(weights_per_step=80, sigma=sigma, seed=4, fast_path=fast_path)
+        runs[fast_path] = _run(tx, params, lambda x, y: LayerStack(layers, _ce, x, y), 3, batches)
+    black_box = runs["off"]
+    assert set(black_box[0][1].rso_accepted) == {"bn0/bias", "bn0/scale", "bn1/bias", "bn1/scale",
+                                                 "conv0/kernel", "conv1/kernel", "head/kernel"}
+    assert int(black_box[-1][1].rso_cycle) == 1
+    assert sum(int(v) for v in black_box[-1][1].rso_accepted.values()) > 10
+    for fast_path in ("cache", "incremental"):
+        for (pf, sf, _), (ps, ss, _) in zip(runs[fast_path], black_box):
+            # "cache" evaluates the same float32 losses as the black box. "incremental" differs
+            # by rounding only; on this setup no decision flips, so the weights are the same bits.
+            for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(ps)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=fast_path)
+            assert {k: int(v) for k, v in sf.rso_accepted.items()} == {k: int(v) for k, v in ss.rso_accepted.items()}
+            if fast_path == "cache":
+                assert float(sf.rso_loss) == float(ss.rso_loss)
+            else:
+                np.testing.assert_allclose(float(sf.rso_loss), float(ss.rso_loss), rtol=1e-5)
 
 
 def test_layer_stack_from_an_nnx_sequential():
