@@ -271,7 +271,9 @@ class LinearLayer:
     candidate change ``delta`` of one kernel element ``W[.., i, o]`` is applied to
     the cached output as ``out[..., o] += delta * column``, where ``column`` is
     the slice of the layer input that the element multiplies, instead of
-    re-running the layer.
+    re-running the layer; an accepted change is added to the cached output the
+    same way. All activations are recomputed exactly at the start of each
+    searched leaf, so rounding does not accumulate beyond one leaf.
     """
 
     def __init__(self, kernel: str, kind: str, padding: Any = "SAME", conv_fn: Callable | None = None):
