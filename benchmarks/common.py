@@ -27,6 +27,7 @@ import numpy as np
 __all__ = [
     "Runner",
     "add_common_args",
+    "cpu_model",
     "format_table",
     "machine_line",
     "time_interleaved",
