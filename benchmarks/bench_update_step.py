@@ -143,13 +143,24 @@ def make_runner(name, tx, params, grads) -> Runner:
     return Runner(name, lambda carry: step(carry, grads), (own, tx.init(own)))
 
 
+def _library_fan_in_mean():
+    """The fan-in mean ``neuron_mean_trace`` computes (a private helper; ``jnp.mean`` if it moves)."""
+    try:
+        from optax_neuron.neuron_mean import _fan_in_mean
+
+        return _fan_in_mean
+    except ImportError:
+        return lambda g, axes, dtype: jnp.mean(g, axis=axes, keepdims=True, dtype=dtype)
+
+
 def reduction_runner(params, grads) -> Runner:
     """Diagnostic: only the fan-in means of the gradients (what neuron-mean adds to a plain SGD pass)."""
     axes = on.resolve_fan_in(None, params)
+    fan_in_mean = _library_fan_in_mean()
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(acc, grads):
-        means = jax.tree.map(lambda g, a: jnp.mean(g, axis=a, keepdims=True) if a else g, grads, axes)
+        means = jax.tree.map(lambda g, a: fan_in_mean(g, a, g.dtype) if a else g, grads, axes)
         return jax.tree.map(jnp.add, acc, means)
 
     acc = jax.tree.map(lambda g, a: jnp.zeros(neuron_shape(g.shape, a), g.dtype), grads, axes)
