@@ -26,14 +26,19 @@ def test_patch_conv_equals_lax_conv(shape, kernel, padding):
     kx, kw = jax.random.split(jax.random.key(0))
     x, w = jax.random.normal(kx, shape), jax.random.normal(kw, kernel)
     dn = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
-    ref = jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn,
-                                       precision=jax.lax.Precision.HIGHEST)
-    got = patch_conv(x, w, (1, 1), padding, dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
+    hi = jax.lax.Precision.HIGHEST
+
+    @jax.jit
+    def both(x, w):  # values and gradients (what training uses) of both implementations
+        out = []
+        for conv in (patch_conv, jax.lax.conv_general_dilated):
+            f = lambda w: conv(x, w, (1, 1), padding, dimension_numbers=dn, precision=hi)
+            out.append((f(w), jax.grad(lambda w: jnp.sum(jnp.sin(f(w))))(w)))
+        return out
+
+    (got, got_grad), (ref, ref_grad) = both(x, w)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-    # gradients too (what training uses)
-    f = lambda conv: jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w, (1, 1), padding, dimension_numbers=dn,
-                                                              precision=jax.lax.Precision.HIGHEST))))(w)
-    np.testing.assert_allclose(f(patch_conv), f(jax.lax.conv_general_dilated), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_grad, ref_grad, rtol=1e-4, atol=1e-4)
 
 
 def test_patch_conv_falls_back_for_strides():
@@ -43,22 +48,29 @@ def test_patch_conv_falls_back_for_strides():
     np.testing.assert_allclose(patch_conv(x, w, (2, 2), "SAME", dimension_numbers=dn), ref)
 
 
-def _n_params(model):
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def _abstract(name, **kwargs):
+    """Output shape and parameter count, traced with shapes only (nothing runs)."""
+    x = jnp.zeros((3, 28, 28, 1))
+
+    def build_and_call():
+        model = make_model(name, nnx.Rngs(0), **kwargs)
+        model.eval()
+        return model(x), nnx.state(model, nnx.Param), model
+
+    out, params, model = nnx.eval_shape(build_and_call)
+    return out.shape, sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)), model
 
 
 def test_models_shapes_and_sizes():
-    x = jnp.zeros((3, 28, 28, 1))
-    mlp = make_model("mlp", nnx.Rngs(0), hidden=20)
-    assert mlp(x).shape == (3, 10) and _n_params(mlp) == 784 * 20 + 20 + 20 * 10 + 10
-    cnn = make_model("cnn", nnx.Rngs(0))
-    assert cnn(x).shape == (3, 10)
-    assert _n_params(cnn) == (9 * 32 + 32) + (9 * 32 * 64 + 64) + (7 * 7 * 64 * 128 + 128) + (128 * 10 + 10)
-    paper = make_model("rso-paper", nnx.Rngs(0))
-    paper.eval()
-    assert paper(x).shape == (3, 10)
+    shape, n, _ = _abstract("mlp", hidden=20)
+    assert shape == (3, 10) and n == 784 * 20 + 20 + 20 * 10 + 10
+    shape, n, _ = _abstract("cnn")
+    assert shape == (3, 10)
+    assert n == (9 * 32 + 32) + (9 * 32 * 64 + 64) + (7 * 7 * 64 * 128 + 128) + (128 * 10 + 10)
+    shape, n, paper = _abstract("rso-paper")
+    assert shape == (3, 10)
     # 6 conv3x3 (16 filters, no bias) + 6 BatchNorm (scale, shift) + dense 16 -> 10 without bias
-    assert _n_params(paper) == 9 * 16 + 5 * 9 * 16 * 16 + 6 * 2 * 16 + 16 * 10
+    assert n == 9 * 16 + 5 * 9 * 16 * 16 + 6 * 2 * 16 + 16 * 10
     convs = [l for l in paper.layers if isinstance(l, nnx.Conv)]
     pools = [i for i, l in enumerate(paper.layers) if getattr(l, "func", None) is nnx.avg_pool]
     assert len(convs) == 6 and len(pools) == 2
@@ -75,8 +87,10 @@ def test_rso_layers_compute_the_model(name):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     ce = lambda logits, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
     stack = on.LayerStack(rso_layers(model), ce, x, y)
-    np.testing.assert_allclose(stack(params), ce(model(x), y), rtol=1e-5)
+    forward = nnx.jit(lambda model, x: model(x))
+    stack_loss = jax.jit(lambda p: stack(p))(params)
+    np.testing.assert_allclose(stack_loss, ce(forward(model, x), y), rtol=1e-5)
     if name == "rso-paper":
         calibrate_batch_norm(model, x)
         model.eval()  # running averages now equal the statistics of x
-        np.testing.assert_allclose(ce(model(x), y), stack(params), rtol=1e-4)
+        np.testing.assert_allclose(ce(forward(model, x), y), stack_loss, rtol=1e-4)
