@@ -36,9 +36,14 @@ from optax_neuron.mnist.models import make_model, patch_conv
 __all__ = [
     "DEFAULTS",
     "OPTIMIZERS",
+    "RSO_NORM_SIGMA",
+    "Checkpoints",
     "TrainConfig",
+    "calibrate_batch_norm",
     "evaluate",
     "make_optimizer",
+    "make_train_epoch",
+    "rso_layers",
     "run",
 ]
 
@@ -491,12 +496,9 @@ def _cross_entropy(logits, labels):
 
 
 def _searched_count(state: Any, params: Any) -> int:
-    sizes = {fan_in_path(p): int(np.size(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    sizes = {on.fan_in.path_str(p): int(np.size(x)) for p, x in leaves}
     return sum(sizes[k] for k in state.rso_sigma)
-
-
-def fan_in_path(path: Any) -> str:
-    return on.fan_in.path_str(path)
 
 
 def _chunk_size(total: int, target: int) -> int:
