@@ -191,7 +191,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny timings")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--weights-per-step", type=int, default=32, help="weights per rso update call")
+    ap.add_argument("--weights-per-step", type=int, default=64, help="weights per rso update call")
     args = ap.parse_args()
     key = jax.random.key(0)
     x = jax.random.uniform(key, (args.batch, 28, 28, 1))
