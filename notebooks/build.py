@@ -502,8 +502,8 @@ def nb02() -> list:
         `on.gradient_norms()` also keeps one norm per neuron (over each kernel's fan-in axes, the
         same axes as in the neuron-mean notebook): a `(1, 1, 1, 16)` array for the second conv,
         `(1, 64)` for the dense layer. `on.neuron_norms` computes the same for any tree, here the
-        running mean. Neurons whose gradient is always zero (ReLU units that never fire) show up as
-        empty rows.
+        running mean. A neuron whose gradient is zero (a ReLU unit that fired for no image of the
+        minibatch) shows as a black cell; a unit that never fires again is a black row.
         """),
         code("""
         dense_path = kernels["dense"]
@@ -700,6 +700,7 @@ def nb03() -> list:
         ax.plot(sgd_rows[1:, 2], sgd_rows[1:, 1], label="SGD momentum")
         ax.set(xscale="log", xlabel="wall-clock seconds (both include their first compilation)", ylabel="test accuracy",
                title="RSO against SGD, same network and initialisation")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend()
         plt.show()
         """),
