@@ -1,7 +1,5 @@
 """Tests for optax_neuron.rso against a plain Python/NumPy replay of the documented scheme."""
 
-import fnmatch
-
 import jax
 import jax.numpy as jnp
 import numpy as np
