@@ -370,6 +370,7 @@ def rso(
     search: Sequence[tuple[str, bool]] | None = None,
     per_weight_batch: bool = False,
     fast_path: str = "incremental",
+    speculate: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """RSO random search as an Optax transformation (see the module docstring).
 
@@ -407,6 +408,17 @@ def rso(
         (``out[..., o] += delta * column``) instead of re-running the layer; the
         losses then differ from the black-box path by float32 rounding only
         (a decision can flip only on a near-tie). ``"off"``: the black-box path.
+      speculate: ``m > 1`` turns on exact speculative batching (every path above):
+        the candidates of the next ``m`` weights of the current leaf (their ``dw``
+        drawn from the same keys as above) are applied, each alone, to the same
+        base parameters and evaluated in one ``jax.vmap``-ed call; the first weight
+        whose best candidate strictly beats the current loss is accepted, the ones
+        before it are rejected, and the next round starts right after it from the
+        new base (the weights after it are re-drawn identically and re-evaluated).
+        This is the sequential decision sequence, with fewer (but ``m`` times wider)
+        passes when most proposals are rejected. The batched evaluation may round
+        differently from the unbatched one, so a decision can flip only on a
+        last-ulp near-tie (as with ``fast_path="incremental"``). ``1``: off.
 
     Returns:
       A ``GradientTransformationExtraArgs``; ``update(updates, state, params, *,
@@ -431,6 +443,10 @@ def rso(
         _check_rules("search", search)
     if fast_path not in ("incremental", "cache", "off"):
         raise ValueError(f"rso: fast_path must be 'incremental', 'cache' or 'off', got {fast_path!r}")
+    if not isinstance(speculate, (int, np.integer)) or isinstance(speculate, bool) or speculate < 1:
+        raise ValueError(f"rso: speculate must be a positive int (1 = off, m > 1 = m weights per batched "
+                         f"evaluation), got {speculate!r}")
+    speculate = int(speculate)
     if anneal is not None and not callable(anneal):
         raise TypeError(f"rso: anneal must be a callable cycle -> factor, got {anneal!r}")
     weights_per_step = int(weights_per_step)
@@ -578,13 +594,79 @@ def rso(
                 phase = jnp.where(last, first_phase, phase + 1)
                 return cursor + last, done + last, work, u, acc, losses, phase, acts
 
+            def round_body(c):
+                """One speculative round: the next ``speculate`` weights of the leaf, all
+                candidates evaluated against the same base in one vmapped call; the weights
+                up to and including the first improving one are consumed."""
+                cursor, done, work, u, acc, losses, phase, acts = c
+                loss = losses[0]
+                r = jnp.arange(speculate, dtype=jnp.int32)
+                n = cursor + r
+                valid = (n < seg_end) & (done + r < weights_per_step)
+                n = jnp.minimum(n, seg_end - 1)
+                i = n - starts[j]
+                factor = jnp.float32(1.0) if anneal is None else jnp.asarray(anneal(cycle), jnp.float32)
+
+                def draw(q):  # one weight's dw and k_batch, scalar code as in the sequential loop:
+                    # a vmapped jax.random.normal rounds differently on XLA:CPU (measured)
+                    k_step, k_batch = jax.random.split(jax.random.fold_in(jax.random.fold_in(base, cycle), q))
+                    return (sig[j] * factor) * jax.random.normal(k_step, (), jnp.float32), k_batch
+
+                dw, k_batch = jax.lax.map(draw, n)
+
+                def value(ir, sign_dw):  # params + (u + sign * dw) at element ir, and u + sign * dw
+                    idx = {t: jnp.clip(ir, 0, int(plan.sizes[t]) - 1) for t in mine}
+                    us = {t: u[t][idx[t]] + sign_dw.astype(dtypes[t]) for t in mine}
+                    return idx, {t: p0[t][idx[t]] + us[t] for t in mine}, us
+
+                def candidate(ir, sign_dw, key):
+                    idx, trial, _ = value(ir, sign_dw)
+                    committed = {t: p0[t][idx[t]] + u[t][idx[t]] for t in mine}
+                    delta = sum(jnp.where(j == t, (trial[t] - committed[t]).astype(jnp.float32), 0.0) for t in mine)
+                    return evaluate(set_at(work, mine, j, idx, trial, True), acts, key, ir, delta)
+
+                cand_signs = signs[first_phase:]  # (+1, -1), or (0, +1, -1) with a fresh batch per weight
+                ns = cand_signs.shape[0]
+                flat = jax.vmap(candidate)(jnp.repeat(i, ns), (cand_signs[None, :] * dw[:, None]).ravel(),
+                                           k_batch[jnp.repeat(r, ns)])
+                vals = flat.reshape(speculate, ns).astype(losses.dtype)
+                cur = jnp.broadcast_to(loss, (speculate,)) if first_phase else vals[:, 0]
+                plus, minus = vals[:, -2], vals[:, -1]
+                take_plus = plus < cur  # the sequential rule: strict <, ties and NaN keep w
+                best = jnp.where(take_plus, plus, cur)
+                take_minus = minus < best
+                best = jnp.where(take_minus, minus, best)
+                improved = (take_plus | take_minus) & valid
+                hit = jnp.any(improved)
+                first = jnp.argmax(improved).astype(jnp.int32)
+                consumed = jnp.where(hit, first + 1, jnp.sum(valid).astype(jnp.int32))
+                # accept the first improving weight (if any); the ones before it were rejected
+                chosen = jnp.where(take_minus[first], -1.0, 1.0).astype(jnp.float32)
+                idx, final, u_new = value(i[first], chosen * dw[first])
+                committed = {t: p0[t][idx[t]] + u[t][idx[t]] for t in mine}
+                work = set_at(work, mine, j, idx, final, hit)
+                u = set_at(u, mine, j, idx, u_new, hit)
+                if inc:
+                    d = sum(jnp.where(j == t, (final[t] - committed[t]).astype(jnp.float32), 0.0) for t in mine)
+                    out = f.add_column(acts[k + 1], acts[k], incremental[k], i[first], d, hit)
+                    acts = acts[: k + 1] + (out,) + acts[k + 2:]
+                losses = losses.at[0].set(best[consumed - 1])
+                return cursor + consumed, done + consumed, work, u, acc + hit.astype(jnp.int32), losses, phase, acts
+
             def cond(c):
                 cursor, done = c[0], c[1]
                 return (done < weights_per_step) & (cursor < seg_end)
 
+            if speculate > 1 and not per_weight_batch:  # the current loss, if not yet known, unbatched
+                i0 = cursor - starts[j]
+                k0 = jax.random.split(jax.random.fold_in(jax.random.fold_in(base, cycle), cursor))[1]
+                loss = jax.lax.cond(phase == 0, lambda: evaluate(work, acts, k0, i0, jnp.float32(0.0)).astype(loss.dtype),
+                                    lambda: loss)
+                phase = jnp.int32(first_phase)
             losses = jnp.stack([loss, loss, loss])
             c = (cursor, done, work, u, jnp.int32(0), losses, phase, acts)
-            cursor, done, work, u, n_acc, losses, phase, _ = jax.lax.while_loop(cond, body, c)
+            cursor, done, work, u, n_acc, losses, phase, _ = jax.lax.while_loop(
+                cond, round_body if speculate > 1 else body, c)
             acc = acc.at[j].add(n_acc)
             wrap = cursor >= total
             return (jnp.where(wrap, 0, cursor), jnp.where(wrap, cycle + 1, cycle), done, work, u, acc,
