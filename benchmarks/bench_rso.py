@@ -9,7 +9,13 @@ loop). Compared with ``optax_neuron.rso`` on the same batch:
   dispatch), the current loss carried, so two evaluations per weight;
 * ``rso + LayerStack``: the same with the value given as a
   :class:`optax_neuron.LayerStack`, so each candidate re-runs only the layers
-  from the one holding the searched weight.
+  from the one holding the searched weight;
+* ``speculate=m``: exact speculative batching, the candidates of the next m
+  weights evaluated against one base in one vmapped call (fewer, wider passes;
+  it pays only when most proposals are rejected, so the ``sigma xF`` rows scale
+  every sigma by F to show the few-accepted regime next to the same rows
+  without speculation). The ``accepted`` column is the fraction of the timed
+  weights accepted.
 
 Per-cycle figures are extrapolated: each searched leaf is timed on its first
 few weights (a cursor placed at its start) and multiplied by its size; the plain
@@ -123,13 +129,17 @@ def plain_loop(params, layers, x, y, sigma):
     return run
 
 
-def rso_timer(params, layers, x, y, weights, layered, fast_path="incremental"):
+def rso_timer(params, layers, x, y, weights, layered, fast_path="incremental", speculate=1, sigma_factor=1.0):
     """Seconds per weight of rso (``weights`` per ``update`` call) from the start of each leaf.
 
-    Returns run() -> {path: (seconds per weight, leaf size)}. The black-box path
-    costs the same for every weight, so it is timed on the first leaf only.
+    Returns run() -> {path: (seconds per weight, leaf size, fraction accepted)}. The
+    black-box path without speculation costs the same for every weight, so it is
+    timed on the first leaf only. ``sigma_factor`` scales every sigma (through
+    ``anneal``) to set the acceptance rate.
     """
-    tx = rso(weights_per_step=weights, sigma=[("*scale", 0.1), ("*bias", 0.1), ("*", None)], fast_path=fast_path)
+    anneal = None if sigma_factor == 1.0 else (lambda c: sigma_factor)
+    tx = rso(weights_per_step=weights, sigma=[("*scale", 0.1), ("*bias", 0.1), ("*", None)], fast_path=fast_path,
+             speculate=speculate, anneal=anneal)
     state0 = tx.init(params)
     stack = LayerStack(layers, _ce, x, y)
 
@@ -146,44 +156,62 @@ def rso_timer(params, layers, x, y, weights, layered, fast_path="incremental"):
     def run():
         per = {}
         for (path, leaf), start in zip(visit, starts):
-            if per and not layered:
-                per[path] = (next(iter(per.values()))[0], leaf.size)
+            if per and not layered and speculate == 1:
+                per[path] = (next(iter(per.values()))[0], leaf.size, next(iter(per.values()))[2])
                 continue
             s = state0._replace(rso_cursor=jnp.asarray(start, jnp.int32))
             t = time.perf_counter()
-            jax.block_until_ready(step(params, s, stack))
-            per[path] = ((time.perf_counter() - t) / weights, leaf.size)
+            _, s = jax.block_until_ready(step(params, s, stack))
+            n_acc = sum(int(v) for v in s.rso_accepted.values())
+            per[path] = ((time.perf_counter() - t) / weights, leaf.size, n_acc / weights)
         return per
 
     return run
 
 
-def bench(name, params, layers, x, y, weights, plain_weights, repeats):
+def bench(name, params, layers, x, y, weights, plain_weights, repeats, m, big_sigma):
     print(f"\n## {name}: batch {x.shape[0]}, device {jax.devices()[0].platform}")
     plain = plain_loop(params, layers, x, y, 0.1)
     timers = {
         "rso black-box": rso_timer(params, layers, x, y, weights, layered=False),
+        f"rso black-box, speculate={m}": rso_timer(params, layers, x, y, weights, layered=False, speculate=m),
         "rso + LayerStack, cache": rso_timer(params, layers, x, y, weights, layered=True, fast_path="cache"),
         "rso + LayerStack, incremental": rso_timer(params, layers, x, y, weights, layered=True),
+        f"rso + LayerStack, incremental, speculate={m}": rso_timer(params, layers, x, y, weights, layered=True,
+                                                                   speculate=m),
     }
+    if big_sigma:  # few proposals accepted: the regime speculation is for
+        timers.update({
+            f"rso black-box, sigma x{big_sigma:g}": rso_timer(params, layers, x, y, weights, layered=False,
+                                                             sigma_factor=big_sigma),
+            f"rso black-box, speculate={m}, sigma x{big_sigma:g}": rso_timer(
+                params, layers, x, y, weights, layered=False, speculate=m, sigma_factor=big_sigma),
+            f"rso + LayerStack, incremental, sigma x{big_sigma:g}": rso_timer(
+                params, layers, x, y, weights, layered=True, sigma_factor=big_sigma),
+            f"rso + LayerStack, incremental, speculate={m}, sigma x{big_sigma:g}": rso_timer(
+                params, layers, x, y, weights, layered=True, speculate=m, sigma_factor=big_sigma),
+        })
     results = {"plain loop": [], **{k: [] for k in timers}}
+    accepted = {"plain loop": float("nan")}
     n_searched = None
     for _ in range(repeats):  # interleaved
         per_w = plain(plain_weights)
         for label, timer in timers.items():
             per = timer()
-            n_searched = sum(n for _, n in per.values())
-            results[label].append(sum(t * n for t, n in per.values()))  # s per cycle
+            n_searched = sum(v[1] for v in per.values())
+            results[label].append(sum(t * n for t, n, _ in per.values()))  # s per cycle
+            accepted[label] = sum(a * n for _, n, a in per.values()) / n_searched
         results["plain loop"].append(per_w * n_searched)
     base = statistics.median(results["plain loop"])
     print(f"{n_searched} searched weights; min/cycle extrapolated from one update of {weights} weights "
           f"(weights_per_step={weights}) from the start of each leaf ({plain_weights} weights for the plain loop, "
           f"one leaf for the black-box path, whose cost per weight is uniform); median of {repeats}")
-    print(f"| method | weights/s | min/cycle | speed-up |")
-    print(f"|---|---:|---:|---:|")
+    print("| method | weights/s | min/cycle | speed-up | accepted |")
+    print("|---|---:|---:|---:|---:|")
     for label, vals in results.items():
         cyc = statistics.median(vals)
-        print(f"| {label} | {n_searched / cyc:,.0f} | {cyc / 60:.2f} | {base / cyc:.1f}x |")
+        acc = "" if label == "plain loop" else f"{accepted[label]:.0%}"
+        print(f"| {label} | {n_searched / cyc:,.0f} | {cyc / 60:.2f} | {base / cyc:.1f}x | {acc} |")
 
 
 def main():
@@ -192,6 +220,10 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--weights-per-step", type=int, default=64, help="weights per rso update call")
+    ap.add_argument("--speculate", type=int, default=8, help="m of the speculative rows")
+    ap.add_argument("--big-sigma", type=float, default=100.0,
+                    help="sigma factor of the few-accepted rows (0: no such rows)")
+    ap.add_argument("--nets", default="paper,mlp", help="comma-separated: paper, mlp")
     args = ap.parse_args()
     key = jax.random.key(0)
     x = jax.random.uniform(key, (args.batch, 28, 28, 1))
@@ -199,8 +231,12 @@ def main():
     repeats = 1 if args.quick else args.repeats
     weights = 4 if args.quick else args.weights_per_step
     plain_weights = 3 if args.quick else 10
-    bench("paper MNIST net", *paper_net(key), x, y, weights, plain_weights, repeats)
-    bench("MLP 784-128-10", *mlp_net(key), x, y, weights, plain_weights, repeats)
+    nets = args.nets.split(",")
+    extra = (args.speculate, args.big_sigma)
+    if "paper" in nets:
+        bench("paper MNIST net", *paper_net(key), x, y, weights, plain_weights, repeats, *extra)
+    if "mlp" in nets:
+        bench("MLP 784-128-10", *mlp_net(key), x, y, weights, plain_weights, repeats, *extra)
 
 
 if __name__ == "__main__":
