@@ -58,7 +58,7 @@ import numpy as np
 import optax
 
 from optax_neuron._validate import require_floating
-from optax_neuron.fan_in import neuron_shape, path_str, resolve_fan_in
+from optax_neuron.fan_in import path_str, resolve_fan_in
 
 __all__ = [
     "GradientNormsState",

@@ -15,7 +15,6 @@ import pytest
 
 from optax_neuron import fan_in
 from optax_neuron.grad_stats import (
-    GradientNormsState,
     RunningGradientMeanState,
     gradient_norms,
     leaf_norms,

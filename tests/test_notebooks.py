@@ -7,7 +7,6 @@ touched. A cell that raises fails the test; so does any error output.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

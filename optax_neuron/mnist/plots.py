@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["plot_curves", "plot_grad_norms"]
 
@@ -45,14 +46,7 @@ def plot_curves(runs: Mapping[str, Sequence[dict]], path: str | Path, title: str
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def plot_grad_norms(epochs: Sequence[dict], path: str | Path, title: str = "") -> Path:
@@ -74,6 +68,11 @@ def plot_grad_norms(epochs: Sequence[dict], path: str | Path, title: str = "") -
         ax.legend(fontsize=7)
     ax_g.set_title("gradient norm per layer (last step)")
     ax_m.set_title("running-mean gradient norm per layer (EMA 0.99)")
+    return _save(plt, fig, path, title)
+
+
+def _save(plt: Any, fig: Any, path: str | Path, title: str) -> Path:
+    """Title, lay out, write ``path`` (parents created) at 100 dpi and close the figure."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()

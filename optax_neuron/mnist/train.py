@@ -387,8 +387,13 @@ def run(
             ckpt.save(epoch + 1, state, {"history": history})
     if ckpt is not None:
         ckpt.close()
-    model, opt = nnx.merge(graphdef, state)
-    if history and history[-1]["epoch"] == config.epochs:
+    model, _ = nnx.merge(graphdef, state)
+    return _result(config, n, history, model, data, config.epochs)
+
+
+def _result(config: TrainConfig, n: int, history: list, model: Any, data: Any, last: int) -> dict:
+    """The run's summary; the final test figures are the last record's when it is epoch ``last``."""
+    if history and history[-1]["epoch"] == last:
         final_loss, final_acc = history[-1]["test_loss"], history[-1]["test_accuracy"]
     else:
         final_loss, final_acc = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
@@ -400,7 +405,6 @@ def run(
         "test_accuracy": final_acc,
         "params": nnx.state(model, nnx.Param),
     }
-
 
 def _report(record: dict, writer: Any, bar: Any, log: Callable | None, name: str, unit: str = "epoch") -> None:
     step = record["epoch"]
@@ -587,16 +591,4 @@ def _run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
             ckpt.save(cycle + 1, {"params": params, "rso": opt_state}, {"history": history})
     if ckpt is not None:
         ckpt.close()
-    model = to_model(params)
-    if history and history[-1]["epoch"] == cycles:
-        final_loss, final_acc = history[-1]["test_loss"], history[-1]["test_accuracy"]
-    else:
-        final_loss, final_acc = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
-    return {
-        "config": dataclasses.asdict(config),
-        "train_size": n,
-        "epochs": history,
-        "test_loss": final_loss,
-        "test_accuracy": final_acc,
-        "params": nnx.state(model, nnx.Param),
-    }
+    return _result(config, n, history, to_model(params), data, cycles)
