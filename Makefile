@@ -20,7 +20,7 @@ demo: setup
 	$(PY) -m optax_neuron.mnist --out outputs/demo
 
 test: setup
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --doctest-modules tests optax_neuron
 
 bench: setup
 	$(PY) benchmarks/run_all.py

