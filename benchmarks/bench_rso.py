@@ -221,7 +221,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--weights-per-step", type=int, default=64, help="weights per rso update call")
     ap.add_argument("--speculate", type=int, default=8, help="m of the speculative rows")
-    ap.add_argument("--big-sigma", type=float, default=100.0,
+    ap.add_argument("--big-sigma", type=float, default=1e4,
                     help="sigma factor of the few-accepted rows (0: no such rows)")
     ap.add_argument("--nets", default="paper,mlp", help="comma-separated: paper, mlp")
     args = ap.parse_args()
