@@ -435,6 +435,13 @@ def rso(
       >>> bool(loss(optax.apply_updates(params, updates)) <= loss(params))
       True
     """
+    for name, value in (("seed", seed), ("weights_per_step", weights_per_step), ("speculate", speculate)):
+        if isinstance(value, jax.Array):
+            raise TypeError(
+                f"rso: {name} shapes the search and must be a Python int, got a JAX array; under "
+                f"optax.inject_hyperparams list it in static_args, e.g. "
+                f"static_args=('seed', 'weights_per_step', 'speculate', 'sigma', 'anneal', 'order', 'search')"
+            )
     if not isinstance(weights_per_step, (int, np.integer)) or isinstance(weights_per_step, bool) or weights_per_step < 1:
         raise ValueError(f"rso: weights_per_step must be a positive int, got {weights_per_step!r}")
     if sigma is not None and isinstance(sigma, (list, tuple)):

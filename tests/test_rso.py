@@ -574,3 +574,13 @@ def test_speculative_on_the_other_paths():
 def test_bad_speculate(bad):
     with pytest.raises(ValueError, match="speculate must be a positive int"):
         rso(speculate=bad)
+
+
+def test_structural_args_injected_by_inject_hyperparams_get_a_clear_error():
+    # optax.inject_hyperparams turns every numeric argument into an array unless it is static;
+    # the integers that shape the search must say so instead of failing deep inside.
+    params = {"dense": {"kernel": jnp.arange(6.0).reshape(3, 2)}}
+    with pytest.raises(TypeError, match=r"rso: weights_per_step .*static_args"):
+        optax.inject_hyperparams(rso, static_args=("seed", "speculate"))(weights_per_step=2).init(params)
+    tx = optax.inject_hyperparams(rso, static_args=("seed", "weights_per_step", "speculate"))(weights_per_step=2)
+    assert tx.init(params).inner_state.rso_cursor == 0
