@@ -6,10 +6,10 @@ The public API. ``optax_neuron.fan_in`` holds the fan-in rules and presets.
 from optax_neuron import fan_in
 from optax_neuron.fan_in import fan_in_axes, resolve_fan_in
 
-# --- neuron_mean (issue 3) ---
+# Neuron-mean momentum.
 from optax_neuron.neuron_mean import NeuronMeanTraceState, neuron_mean_sgd, neuron_mean_trace
 
-# --- grad_stats (issue 4) ---
+# Running gradient statistics and their read-out.
 from optax_neuron import grad_stats
 from optax_neuron.grad_stats import (
     GradientNormsState,
@@ -22,7 +22,7 @@ from optax_neuron.grad_stats import (
 )
 from optax_neuron.tensorboard import summary_writer, write_metrics
 
-# --- rso (issue 5) ---
+# RSO random search.
 from optax_neuron.rso import LayerStack, LinearLayer, RSOState, conv_layer, dense_layer, rso, rso_init
 
 __version__ = "0.1.0"
@@ -32,11 +32,9 @@ __all__ = [
     "fan_in",
     "fan_in_axes",
     "resolve_fan_in",
-    # --- neuron_mean names ---
     "NeuronMeanTraceState",
     "neuron_mean_sgd",
     "neuron_mean_trace",
-    # --- grad_stats names ---
     "GradientNormsState",
     "RunningGradientMeanState",
     "grad_stats",
@@ -47,7 +45,6 @@ __all__ = [
     "running_gradient_mean",
     "summary_writer",
     "write_metrics",
-    # --- rso names ---
     "LayerStack",
     "LinearLayer",
     "RSOState",
