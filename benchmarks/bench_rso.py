@@ -174,23 +174,23 @@ def bench(name, params, layers, x, y, weights, plain_weights, repeats, m, big_si
     plain = plain_loop(params, layers, x, y, 0.1)
     timers = {
         "rso black-box": rso_timer(params, layers, x, y, weights, layered=False),
-        f"rso black-box, speculate={m}": rso_timer(params, layers, x, y, weights, layered=False, speculate=m),
         "rso + LayerStack, cache": rso_timer(params, layers, x, y, weights, layered=True, fast_path="cache"),
         "rso + LayerStack, incremental": rso_timer(params, layers, x, y, weights, layered=True),
-        f"rso + LayerStack, incremental, speculate={m}": rso_timer(params, layers, x, y, weights, layered=True,
-                                                                   speculate=m),
     }
+    if m > 1:  # --speculate 1: no speculative rows
+        timers[f"rso black-box, speculate={m}"] = rso_timer(params, layers, x, y, weights, layered=False, speculate=m)
+        timers[f"rso + LayerStack, incremental, speculate={m}"] = rso_timer(
+            params, layers, x, y, weights, layered=True, speculate=m)
     if big_sigma:  # few proposals accepted: the regime speculation is for
-        timers.update({
-            f"rso black-box, sigma x{big_sigma:g}": rso_timer(params, layers, x, y, weights, layered=False,
-                                                             sigma_factor=big_sigma),
-            f"rso black-box, speculate={m}, sigma x{big_sigma:g}": rso_timer(
-                params, layers, x, y, weights, layered=False, speculate=m, sigma_factor=big_sigma),
-            f"rso + LayerStack, incremental, sigma x{big_sigma:g}": rso_timer(
-                params, layers, x, y, weights, layered=True, sigma_factor=big_sigma),
-            f"rso + LayerStack, incremental, speculate={m}, sigma x{big_sigma:g}": rso_timer(
-                params, layers, x, y, weights, layered=True, speculate=m, sigma_factor=big_sigma),
-        })
+        timers[f"rso black-box, sigma x{big_sigma:g}"] = rso_timer(
+            params, layers, x, y, weights, layered=False, sigma_factor=big_sigma)
+        timers[f"rso + LayerStack, incremental, sigma x{big_sigma:g}"] = rso_timer(
+            params, layers, x, y, weights, layered=True, sigma_factor=big_sigma)
+        if m > 1:
+            timers[f"rso black-box, speculate={m}, sigma x{big_sigma:g}"] = rso_timer(
+                params, layers, x, y, weights, layered=False, speculate=m, sigma_factor=big_sigma)
+            timers[f"rso + LayerStack, incremental, speculate={m}, sigma x{big_sigma:g}"] = rso_timer(
+                params, layers, x, y, weights, layered=True, speculate=m, sigma_factor=big_sigma)
     results = {"plain loop": [], **{k: [] for k in timers}}
     accepted = {"plain loop": float("nan")}
     n_searched = None
@@ -220,7 +220,7 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--weights-per-step", type=int, default=64, help="weights per rso update call")
-    ap.add_argument("--speculate", type=int, default=8, help="m of the speculative rows")
+    ap.add_argument("--speculate", type=int, default=8, help="m of the speculative rows (1: no speculative rows)")
     ap.add_argument("--big-sigma", type=float, default=1e4,
                     help="sigma factor of the few-accepted rows (0: no such rows)")
     ap.add_argument("--nets", default="paper,mlp", help="comma-separated: paper, mlp")
