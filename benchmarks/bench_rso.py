@@ -220,14 +220,16 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--weights-per-step", type=int, default=64, help="weights per rso update call")
-    ap.add_argument("--speculate", type=int, default=8, help="m of the speculative rows (1: no speculative rows)")
-    ap.add_argument("--big-sigma", type=float, default=1e4,
-                    help="sigma factor of the few-accepted rows (0: no such rows)")
+    ap.add_argument("--speculate", type=int, default=1,
+                    help="m of the speculative rows (default 1: none; they take minutes each on the paper net)")
+    ap.add_argument("--big-sigma", type=float, default=0.0,
+                    help="sigma factor of the few-accepted rows (default 0: no such rows; the README used 1e4)")
     ap.add_argument("--nets", default="paper,mlp", help="comma-separated: paper, mlp")
     args = ap.parse_args()
     key = jax.random.key(0)
-    x = jax.random.uniform(key, (args.batch, 28, 28, 1))
-    y = jax.random.randint(key, (args.batch,), 0, 10)
+    batch = min(args.batch, 32) if args.quick else args.batch
+    x = jax.random.uniform(key, (batch, 28, 28, 1))
+    y = jax.random.randint(key, (batch,), 0, 10)
     repeats = 1 if args.quick else args.repeats
     weights = 4 if args.quick else args.weights_per_step
     plain_weights = 3 if args.quick else 10
