@@ -563,7 +563,7 @@ def nb03() -> list:
 
         The app's MLP (`make_model("mlp", hidden=32)`: 784 -> 32 ReLU -> 10) has 784 x 32 + 32 x 10 =
         25,408 searched weights (biases are not searched, as in the official code; they stay 0).
-        `optax_neuron.mnist.train.rso_layers` turns the model into `on.LayerStack` layers
+        `optax_neuron.mnist.rso.rso_layers` turns the model into `on.LayerStack` layers
         (`on.dense_layer` for the kernels): the search then caches the input of the layer being
         searched and applies a candidate change of one weight to a single output column instead of
         re-running the layer.
@@ -571,7 +571,7 @@ def nb03() -> list:
         code("""
         from optax_neuron.mnist.data import load_mnist
         from optax_neuron.mnist.models import make_model
-        from optax_neuron.mnist.train import rso_layers
+        from optax_neuron.mnist.rso import rso_layers
 
         ds = load_mnist()
         x_train, y_train = ds.train_images, ds.train_labels

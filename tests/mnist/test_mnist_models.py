@@ -9,7 +9,7 @@ from flax import nnx
 
 import optax_neuron as on
 from optax_neuron.mnist.models import make_model, patch_conv
-from optax_neuron.mnist.train import calibrate_batch_norm, rso_layers
+from optax_neuron.mnist.rso import calibrate_batch_norm, rso_layers
 
 
 @pytest.mark.parametrize(
