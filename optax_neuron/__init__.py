@@ -1,50 +1,108 @@
-"""optax_neuron: composable Optax gradient transformations that know about neurons.
+"""optax_neuron: Optax gradient transformations that know which weights feed which neuron.
 
-The public API. ``optax_neuron.fan_in`` holds the fan-in rules and presets.
+Every piece is an ordinary ``optax.GradientTransformation``: chain it, mask it,
+wrap it in ``optax.inject_hyperparams`` or ``optax.MultiSteps``, hand it to
+``flax.nnx.Optimizer``. The *fan-in* of a neuron (the axes of a parameter over
+which its incoming connections run, e.g. axis 0 of a Dense kernel ``W[in, out]``)
+is read from each parameter's path.
+
+Fan-in axes (module :mod:`optax_neuron.fan_in`)
+  ``fan_in_axes(params, fan_in=None)`` -- the axes of every leaf. ``fan_in=`` on
+  every transformation takes ``None`` (the default preset: Flax/Haiku names,
+  then the ``x @ W`` guess for plain pytrees), a rules list such as
+  ``fan_in.TORCH`` (out-first layouts) or ``fan_in.FLAX_STRICT``, a tree of
+  axes, or a callable.
+
+Neuron-mean momentum (module :mod:`optax_neuron.neuron_mean`)
+  ``neuron_mean_trace(decay)`` and ``neuron_mean_sgd(learning_rate, momentum)``:
+  the momentum of a connection replaced by the mean momentum of the incoming
+  connections of its neuron, ``a <- g + mu * mean_fanin(a)``, kept as one value
+  per neuron (``fan_in`` times less state than ``optax.sgd``'s momentum).
+
+Gradient statistics (module :mod:`optax_neuron.grad_stats`)
+  ``running_gradient_mean(decay=None)`` (cumulative or EMA mean of the updates),
+  ``gradient_norms()`` (per-leaf, global and per-neuron L2 norms),
+  ``collect_metrics(opt_state)`` (all of them as a flat ``{name: value}`` dict),
+  ``leaf_norms`` / ``neuron_norms`` (measures for ``optax.snapshot``), and
+  ``summary_writer`` / ``write_metrics`` (TensorBoard, needs tensorboardX).
+
+RSO, random search without gradients (Tripathi and Singh, 2020)
+  ``rso(...)``, ``rso_init(key, params)`` and the layer stacks of the fast path
+  (``LayerStack``, ``dense_layer``, ``conv_layer``).
+
+The state classes (``NeuronMeanTraceState``, ``RunningGradientMeanState``,
+``GradientNormsState``) live in their modules; find their fields in any state
+with ``optax.tree.get(state, "neuron_momentum")``.
+
+Example:
+  >>> import jax.numpy as jnp, optax
+  >>> import optax_neuron as on
+  >>> tx = optax.chain(on.gradient_norms(), on.neuron_mean_sgd(0.1, momentum=0.9))
+  >>> params = {"W1": jnp.ones((3, 2)), "b1": jnp.zeros(2)}  # plain pytrees work
+  >>> state = tx.init(params)
+  >>> updates, state = tx.update(params, state, params)
+  >>> float(on.collect_metrics(state)["gradient_norm/W1"])
+  2.4494898319244385
+
+The MNIST application (``python -m optax_neuron.mnist``) is the subpackage
+:mod:`optax_neuron.mnist` (extra ``[mnist]``).
 """
 
+import warnings
+from typing import Any
+
+# Fan-in axes.
 from optax_neuron import fan_in
-from optax_neuron.fan_in import fan_in_axes, resolve_fan_in
+from optax_neuron.fan_in import fan_in_axes
 
 # Neuron-mean momentum.
-from optax_neuron.neuron_mean import NeuronMeanTraceState, neuron_mean_sgd, neuron_mean_trace
+from optax_neuron.neuron_mean import neuron_mean_sgd, neuron_mean_trace
+
+# Neuron-wise Adam.
+# (export lines of optax_neuron.neuron_adam go here)
 
 # Running gradient statistics and their read-out.
 from optax_neuron import grad_stats
 from optax_neuron.grad_stats import (
-    GradientNormsState,
-    RunningGradientMeanState,
+    collect_metrics,
     gradient_norms,
     leaf_norms,
-    metrics,
     neuron_norms,
     running_gradient_mean,
 )
 from optax_neuron.tensorboard import summary_writer, write_metrics
 
 # RSO random search.
-from optax_neuron.rso import LayerStack, LinearLayer, RSOState, conv_layer, dense_layer, rso, rso_init
+from optax_neuron.rso import (
+    LayerStack,
+    LinearLayer,
+    RSOState,
+    conv_layer,
+    dense_layer,
+    rso,
+    rso_init,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    # fan-in axes
     "fan_in",
     "fan_in_axes",
-    "resolve_fan_in",
-    "NeuronMeanTraceState",
+    # neuron-mean momentum
     "neuron_mean_sgd",
     "neuron_mean_trace",
-    "GradientNormsState",
-    "RunningGradientMeanState",
+    # gradient statistics
+    "collect_metrics",
     "grad_stats",
     "gradient_norms",
     "leaf_norms",
-    "metrics",
     "neuron_norms",
     "running_gradient_mean",
     "summary_writer",
     "write_metrics",
+    # RSO
     "LayerStack",
     "LinearLayer",
     "RSOState",
@@ -53,3 +111,45 @@ __all__ = [
     "rso",
     "rso_init",
 ]
+
+# Old top-level names, kept for one release: name -> (module, attribute, what to use now).
+_DEPRECATED = {
+    "metrics": ("grad_stats", "collect_metrics", "optax_neuron.collect_metrics"),
+    "resolve_fan_in": (
+        "fan_in",
+        "fan_in_axes",
+        "optax_neuron.fan_in_axes(tree, fan_in) (tree first)",
+    ),
+    "NeuronMeanTraceState": (
+        "neuron_mean",
+        "NeuronMeanTraceState",
+        "optax_neuron.neuron_mean.NeuronMeanTraceState",
+    ),
+    "RunningGradientMeanState": (
+        "grad_stats",
+        "RunningGradientMeanState",
+        "optax_neuron.grad_stats.RunningGradientMeanState",
+    ),
+    "GradientNormsState": (
+        "grad_stats",
+        "GradientNormsState",
+        "optax_neuron.grad_stats.GradientNormsState",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _DEPRECATED:
+        raise AttributeError(f"module 'optax_neuron' has no attribute {name!r}")
+    module, attribute, use = _DEPRECATED[name]
+    warnings.warn(f"optax_neuron.{name} is deprecated; use {use}", DeprecationWarning, stacklevel=2)
+    if name == "resolve_fan_in":
+        return _resolve_fan_in
+    import importlib
+
+    return getattr(importlib.import_module(f"optax_neuron.{module}"), attribute)
+
+
+def _resolve_fan_in(fan_in: Any, tree: Any) -> Any:
+    """Deprecated: ``fan_in_axes(tree, fan_in)`` with the old argument order."""
+    return fan_in_axes(tree, fan_in)

@@ -17,11 +17,13 @@ Paths are normalised to ``/``-joined strings such as ``encoder/layers/0/kernel``
 ``(glob_pattern, axes)``; the first match wins. ``axes`` is one of
 
 * a tuple of ints (negative allowed, e.g. ``(-2,)``), or a single int;
-* a named constant: :data:`ALL_BUT_LAST`, :data:`ALL_BUT_FIRST`, :data:`NONE`;
+* a named constant: :data:`ALL_BUT_LAST`, :data:`ALL_BUT_FIRST`, :data:`NO_AXES`;
 * a callable ``shape -> tuple of ints``.
 
-Presets: :data:`FLAX` (the default; Flax NNX and Linen, and Haiku's ``w``/``b``)
-and :data:`TORCH` (out-first layouts: Equinox modules, PyTorch state dicts).
+Presets: :data:`FLAX` (the default; Flax NNX and Linen, and Haiku's ``w``/``b``,
+then the ``x @ W`` guess for plain pytrees), :data:`FLAX_STRICT` (the same
+named rules, no guess) and :data:`TORCH` (out-first layouts: Equinox modules,
+PyTorch state dicts; strict).
 
 Path and rank cannot tell everything apart. A standalone ``nnx.LinearGeneral``
 with several output axes, e.g. ``in_features=8, out_features=(2, 4)``, has a
@@ -31,27 +33,51 @@ axis 0 only. Give such a layer its own rule before the preset, e.g.
 ``fan_in=[("*proj/kernel", (0,)), *FLAX]`` for a layer stored as ``proj``.
 (Attention ``query``/``key``/``value`` kernels have such a rule in :data:`FLAX`.)
 
-Every transformation of the library takes ``fan_in=`` and hands it to
-:func:`resolve_fan_in`, which accepts ``None`` (the default preset), a rules
-list, a tree of axes, or a callable ``params -> tree of axes``.
+Plain pytrees (``{"W1": ..., "b1": ...}``, a list of arrays) match no named
+rule; the default preset then guesses by the ``x @ W`` convention: a leaf of
+rank >= 2 reduces over every axis but the last, a leaf of rank <= 1 has no
+fan-in axes. That guess is wrong for
+
+* weights stored out-first, ``(out, in, ...)`` (PyTorch, Equinox, ``x @ W.T``):
+  it would average over the *outgoing* connections. The default preset refuses
+  a rank >= 2 leaf whose path ends in ``weight`` (the PyTorch/Equinox name) and
+  asks for :data:`TORCH` or a rule; under any other name the guess cannot be
+  caught, so pass ``fan_in=TORCH`` or rules for such trees;
+* several output axes, ``(in, out1, out2)`` (``LinearGeneral``, attention
+  kernels under names the preset does not know): the fan-in is axis 0 only;
+* kernels whose input axis is not next-to-last, e.g. ``(in, h, w, out)``.
+
+:data:`FLAX_STRICT` has the named rules without the guess: a leaf no rule
+matches raises a ``ValueError`` naming its path.
+
+Every transformation of the library takes ``fan_in=`` (a :data:`FanIn`) and
+hands it to :func:`fan_in_axes`, which accepts ``None`` (the default preset), a
+rules list, a tree of axes, or a callable ``params -> tree of axes``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
+
+from optax_neuron._tree import is_none, path_str
+from optax_neuron._validate import is_rule_list
 
 __all__ = [
     "ALL_BUT_FIRST",
     "ALL_BUT_LAST",
     "FLAX",
-    "NONE",
+    "FLAX_STRICT",
+    "NO_AXES",
     "TORCH",
     "Axes",
+    "AxesTree",
+    "FanIn",
     "NamedAxes",
     "Rule",
     "fan_in_axes",
@@ -59,7 +85,6 @@ __all__ = [
     "first_match",
     "neuron_shape",
     "path_str",
-    "resolve_fan_in",
 ]
 
 
@@ -85,14 +110,29 @@ ALL_BUT_LAST = NamedAxes("ALL_BUT_LAST", lambda ndim: tuple(range(ndim - 1)))
 ALL_BUT_FIRST = NamedAxes("ALL_BUT_FIRST", lambda ndim: tuple(range(1, ndim)))
 """Every axis but the first: out-first layouts (PyTorch, Equinox weights)."""
 
-NONE = NamedAxes("NONE", lambda ndim: ())
-"""No fan-in axes: every element is its own neuron (biases, norms, embeddings)."""
+NO_AXES = NamedAxes("NO_AXES", lambda ndim: ())
+"""No fan-in axes: every element is its own neuron (biases, norms, embeddings).
 
-Axes = Union[int, Sequence[int], NamedAxes, Callable[[tuple[int, ...]], Sequence[int]]]
+(Called ``NONE`` before 0.2.0; that name still works, with a ``DeprecationWarning``.)
+"""
+
+Axes = int | Sequence[int] | NamedAxes | Callable[[tuple[int, ...]], Sequence[int]]
+"""The fan-in axes of one leaf: ints, a named constant or a callable of the shape."""
+
 Rule = tuple[str, Axes]
+"""``(glob pattern, axes)``: the axes for every leaf whose path matches the glob."""
+
+AxesTree = Any
+"""A pytree shaped like the parameters whose leaves are :data:`Axes` (or ``None``)."""
+
+FanIn = Sequence[Rule] | Callable[[Any], Any] | AxesTree | None
+"""What ``fan_in=`` accepts: ``None`` (the default preset), rules, a tree of axes, or a
+callable ``params -> rules or tree of axes`` (see :func:`fan_in_axes`)."""
 
 
-def _by_rank(rank_axes: dict[int, tuple[int, ...]], default: Axes) -> Callable:
+def _by_rank(
+    rank_axes: dict[int, tuple[int, ...]], default: Axes
+) -> Callable[..., tuple[int, ...]]:
     """Axes chosen by the rank of the leaf, falling back to ``default``."""
 
     def axes(shape: Sequence[int]) -> tuple[int, ...]:
@@ -108,13 +148,18 @@ def _by_rank(rank_axes: dict[int, tuple[int, ...]], default: Axes) -> Callable:
 # which is ALL_BUT_LAST already.
 _ATTN_IN = _by_rank({3: (0,)}, ALL_BUT_LAST)
 
+# The default preset refuses a rank >= 2 leaf named `weight`: that is the PyTorch /
+# Equinox name of an out-first (out, in, ...) weight, for which the `x @ W` guess
+# would average the outgoing connections. Rank <= 1 (norm scales) gets no axes.
+_OUT_FIRST_GUARD = NamedAxes("REFUSE_OUT_FIRST", lambda ndim: ())
+
 
 def _named(name: str, axes: Axes) -> tuple[Rule, Rule]:
     """Two rules matching a whole last path part ``name`` (at top level or nested)."""
     return ((name, axes), (f"*/{name}", axes))
 
 
-FLAX: tuple[Rule, ...] = (
+FLAX_STRICT: tuple[Rule, ...] = (
     # Attention projections (NNX MultiHeadAttention, Linen
     # MultiHeadDotProductAttention). A rank-2 kernel under these names (an
     # ordinary Dense called "query") keeps the Dense rule.
@@ -128,60 +173,44 @@ FLAX: tuple[Rule, ...] = (
     *_named("lora_b", ALL_BUT_LAST),
     # Haiku: Linear / Conv `w` (..., in, out) and `b`.
     *_named("w", ALL_BUT_LAST),
-    *_named("b", NONE),
+    *_named("b", NO_AXES),
     # One neuron per element: biases, norm scales and offsets, embedding
     # tables, batch statistics.
-    *_named("bias", NONE),
-    *_named("scale", NONE),
-    *_named("offset", NONE),
-    *_named("embedding", NONE),
-    *_named("embeddings", NONE),
-    *_named("mean", NONE),
-    *_named("var", NONE),
+    *_named("bias", NO_AXES),
+    *_named("scale", NO_AXES),
+    *_named("offset", NO_AXES),
+    *_named("embedding", NO_AXES),
+    *_named("embeddings", NO_AXES),
+    *_named("mean", NO_AXES),
+    *_named("var", NO_AXES),
 )
-"""Default rules: Flax NNX / Linen (and Haiku ``w``/``b``) in-first layouts."""
+"""The named Flax NNX / Linen (and Haiku ``w``/``b``) rules; unknown paths are an error."""
+
+FLAX: tuple[Rule, ...] = (
+    *FLAX_STRICT,
+    *_named("weight", _OUT_FIRST_GUARD),
+    # Plain pytrees, by the `x @ W` convention: rank >= 2 every axis but the
+    # last, rank <= 1 none (ALL_BUT_LAST gives () for those).
+    ("*", ALL_BUT_LAST),
+)
+"""Default rules: :data:`FLAX_STRICT`, then the ``x @ W`` guess for any other path.
+
+A rank >= 2 leaf named ``weight`` is refused (out-first layouts need :data:`TORCH`).
+"""
 
 TORCH: tuple[Rule, ...] = (
     # Embedding tables (num, dim): every element its own neuron.
-    ("*embed*weight", NONE),
+    ("*embed*weight", NO_AXES),
     # Linear (out, in), ConvNd (out, in, *k): everything but the first axis.
     # PyTorch state-dict keys are dotted ("features.0.weight"): match the tail.
     # Rank-1 weights (norm scales) get () from the same rule.
     ("*weight", ALL_BUT_FIRST),
-    ("*bias", NONE),
-    ("*running_mean", NONE),
-    ("*running_var", NONE),
-    ("*num_batches_tracked", NONE),
+    ("*bias", NO_AXES),
+    ("*running_mean", NO_AXES),
+    ("*running_var", NO_AXES),
+    ("*num_batches_tracked", NO_AXES),
 )
-"""Rules for out-first layouts: Equinox modules and PyTorch state dicts."""
-
-
-def _part(key: Any) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey/FlattenedIndexKey, GetAttrKey, SequenceKey
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """Normalise a JAX key path to a ``/``-joined string.
-
-    ``DictKey``, ``GetAttrKey``, ``SequenceKey`` and ``FlattenedIndexKey`` each
-    become one part. A trailing ``value`` *attribute* (the ``Variable`` wrapper
-    that ``nnx.Optimizer`` hands to ``init``) is dropped, so that ``init`` and
-    ``update`` see the same path; a module *named* ``value`` (a dict key) is kept.
-
-    Example:
-      >>> import jax
-      >>> paths = [path_str(p) for p, _ in
-      ...          jax.tree_util.tree_flatten_with_path({"enc": [{"kernel": 1}]})[0]]
-      >>> paths
-      ['enc/0/kernel']
-    """
-    parts = list(path)
-    if parts and isinstance(parts[-1], jax.tree_util.GetAttrKey) and parts[-1].name == "value":
-        parts = parts[:-1]
-    return "/".join(_part(k) for k in parts)
+"""Rules for out-first layouts: Equinox modules and PyTorch state dicts (strict)."""
 
 
 def first_match(path: str, rules: Sequence[tuple[str, Any]]) -> tuple[bool, Any]:
@@ -189,6 +218,10 @@ def first_match(path: str, rules: Sequence[tuple[str, Any]]) -> tuple[bool, Any]
 
     Globs use :func:`fnmatch.fnmatchcase`; ``*`` also matches ``/``.
     Returns ``(True, value)`` or ``(False, None)`` when no rule matches.
+
+    Example:
+      >>> first_match("enc/kernel", [("*bias", 0), ("*kernel", 1)])
+      (True, 1)
     """
     for pattern, value in rules:
         if fnmatch.fnmatchcase(path, pattern):
@@ -197,7 +230,7 @@ def first_match(path: str, rules: Sequence[tuple[str, Any]]) -> tuple[bool, Any]
 
 
 def _axes_of(spec: Axes, shape: Sequence[int]) -> tuple[int, ...]:
-    if isinstance(spec, NamedAxes) or callable(spec):
+    if callable(spec):
         spec = spec(tuple(shape))
     if isinstance(spec, int):
         spec = (spec,)
@@ -215,115 +248,104 @@ def _normalise(axes: tuple[int, ...], shape: Sequence[int], path: str) -> tuple[
             )
         out.append(a % ndim)
     if len(set(out)) != len(out):
-        raise ValueError(f"fan-in axes {axes} for parameter {path!r} repeat an axis (shape {tuple(shape)})")
+        raise ValueError(
+            f"fan-in axes {axes} for parameter {path!r} repeat an axis (shape {tuple(shape)})"
+        )
     return tuple(sorted(out))
 
 
-def _is_rules(obj: Any) -> bool:
-    return (
-        isinstance(obj, (list, tuple))
-        and len(obj) > 0
-        and all(isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) for r in obj)
-    )
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
-def _leaves_with_paths(tree: Any) -> tuple[list, Any]:
-    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
-
-
-def _shape(leaf: Any) -> tuple[int, ...]:
+def _shape(leaf: Any, path: str) -> tuple[int, ...]:
     shape = getattr(leaf, "shape", None)
     if shape is None:
-        raise ValueError(f"parameter leaf {leaf!r} has no shape")
+        raise ValueError(f"parameter {path!r} ({leaf!r}) has no shape: expected an array")
     return tuple(shape)
 
 
-def fan_in_axes(tree: Any, rules: Sequence[Rule] | None = None) -> Any:
-    """Fan-in axes of every leaf of a parameter tree, chosen by path rules.
+def _describe(rules: Sequence[Rule]) -> str:
+    if len(rules) <= 6:
+        return "rules tried: [" + ", ".join(repr(r[0]) for r in rules) + "]"
+    return f"none of the {len(rules)} rules given matches"
 
-    For each leaf at normalised path ``p`` (see :func:`path_str`) the first rule
-    ``(glob, axes)`` with ``fnmatch(p, glob)`` gives the axes, resolved against
-    the leaf's shape and returned as a sorted tuple of non-negative ints.
+
+def _axes_by_rules(path: str, leaf: Any, rules: Sequence[Rule]) -> tuple[int, ...]:
+    shape = _shape(leaf, path)
+    found, spec = first_match(path, rules)
+    if not found:
+        raise ValueError(
+            f"parameter {path!r} (shape {shape}) matches no fan-in rule ({_describe(rules)}); "
+            f"add one, e.g. fan_in=[({path!r}, (0,)), *rules], or use the default preset "
+            "(fan_in=None), which guesses by the x @ W convention"
+        )
+    if spec is _OUT_FIRST_GUARD and len(shape) >= 2:
+        raise ValueError(
+            f"parameter {path!r} (shape {shape}) is named like an out-first (PyTorch/Equinox) "
+            "weight, for which the default x @ W guess would be wrong; pass "
+            "fan_in=optax_neuron.fan_in.TORCH for (out, in, ...) weights, or a rule such as "
+            f"[({path!r}, ALL_BUT_LAST), *FLAX] for an (in, out) one"
+        )
+    return _normalise(_axes_of(spec, shape), shape, path)
+
+
+def _by_rules(tree: Any, rules: Sequence[Rule]) -> Any:
+    rules = tuple(rules)
+
+    def one(key_path: Any, leaf: Any) -> tuple[int, ...] | None:
+        return None if leaf is None else _axes_by_rules(path_str(key_path), leaf, rules)
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_none)
+
+
+def fan_in_axes(params: Any, fan_in: FanIn = None) -> Any:
+    """The fan-in axes of every leaf of a parameter tree.
+
+    This is the one place where every transformation of the library turns its
+    ``fan_in`` argument into axes. For a rules list, each leaf at normalised
+    path ``p`` (see :func:`path_str`) takes the axes of the first rule
+    ``(glob, axes)`` with ``fnmatch(p, glob)``, resolved against the leaf's
+    shape; the result is a sorted tuple of non-negative ints.
 
     Args:
-      tree: a pytree of arrays (or anything with ``.shape``). ``None`` leaves
-        (masked parameters) stay ``None``.
-      rules: ordered ``(glob, axes)`` rules; defaults to :data:`FLAX`.
+      params: a pytree of arrays (or anything with ``.shape``): parameters or
+        updates. ``None`` leaves (masked parameters) stay ``None``.
+      fan_in: ``None`` (the :data:`FLAX` preset: named rules, then the
+        ``x @ W`` guess for other paths); a rules list ``[(glob, axes), ...]``
+        (e.g. :data:`TORCH`, :data:`FLAX_STRICT`); a tree with the structure of
+        ``params`` whose leaves are axes (tuple, int, named constant or callable
+        of the shape; ``None`` where ``params`` has ``None``); or a callable
+        ``params -> rules or tree of axes``.
 
     Returns:
-      A tree of the same structure whose leaves are tuples of axes.
+      A tree structured like ``params`` whose leaves are tuples of axes.
 
     Raises:
-      ValueError: a leaf matches no rule (the path and the rules tried are
-        named), or its axes are out of range for its shape.
+      ValueError: a leaf matches no rule (its path is named), axes out of range
+        (path and shape are named), or a ``fan_in`` tree whose structure
+        differs from ``params``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> fan_in_axes({"dense": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)},
       ...              "conv": {"kernel": jnp.zeros((3, 3, 2, 8))}})
       {'conv': {'kernel': (0, 1, 2)}, 'dense': {'bias': (), 'kernel': (0,)}}
+      >>> fan_in_axes({"W1": jnp.zeros((5, 2)), "b1": jnp.zeros(2)})  # x @ W guess
+      {'W1': (0,), 'b1': ()}
+      >>> fan_in_axes({"w": jnp.zeros((5, 2))}, {"w": (-1,)})  # a tree of axes
+      {'w': (1,)}
     """
-    rules = FLAX if rules is None else tuple(rules)
-
-    def one(path, leaf):
-        if leaf is None:
-            return None
-        p = path_str(path)
-        shape = _shape(leaf)
-        found, spec = first_match(p, rules)
-        if not found:
-            tried = ", ".join(repr(r[0]) for r in rules)
-            raise ValueError(
-                f"parameter {p!r} (shape {shape}) matches no fan-in rule; rules tried: [{tried}]. "
-                "Pass fan_in=[(glob, axes), ...] with a rule for it."
-            )
-        return _normalise(_axes_of(spec, shape), shape, p)
-
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_none)
-
-
-def resolve_fan_in(fan_in: Any, tree: Any) -> Any:
-    """Resolve any accepted form of ``fan_in=`` against a parameter tree.
-
-    This is the one place where every transformation of the library turns its
-    ``fan_in`` argument into axes.
-
-    Args:
-      fan_in: ``None`` (the :data:`FLAX` preset); a rules list ``[(glob, axes),
-        ...]`` (e.g. :data:`TORCH`); a tree with the structure of ``tree``
-        whose leaves are axes specs (tuple, int, named constant or callable of
-        the shape; ``None`` where ``tree`` has ``None``); or a callable
-        ``tree -> tree of axes specs``.
-      tree: the parameters (or updates) the axes are for.
-
-    Returns:
-      A tree of sorted non-negative axes tuples, structured like ``tree``.
-
-    Raises:
-      ValueError: no rule for a leaf, axes out of range (path and shape are
-        named), or a ``fan_in`` tree whose structure differs from ``tree``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> params = {"w": jnp.zeros((5, 2))}
-      >>> resolve_fan_in({"w": (-2,)}, params)
-      {'w': (0,)}
-    """
-    if fan_in is None or _is_rules(fan_in):
-        return fan_in_axes(tree, fan_in)
-    if callable(fan_in) and _is_axes_leaf(fan_in):  # a function, not a callable pytree (Equinox module)
-        fan_in = fan_in(tree)
-        if _is_rules(fan_in):
-            return fan_in_axes(tree, fan_in)
-    return _axes_from_tree(fan_in, tree)
+    if fan_in is None:
+        return _by_rules(params, FLAX)
+    if is_rule_list(fan_in):
+        return _by_rules(params, fan_in)
+    # A function, not a callable pytree node (an Equinox module is a container).
+    if callable(fan_in) and _is_axes_leaf(fan_in):
+        fan_in = fan_in(params)
+        if is_rule_list(fan_in):
+            return _by_rules(params, fan_in)
+    return _axes_from_tree(fan_in, params)
 
 
 def _is_axes_leaf(x: Any) -> bool:
-    """A leaf of a fan_in tree: None, an int, a tuple of ints, a named constant or a plain callable."""
+    """A leaf of a fan_in tree: None, an int, a tuple of ints, a named constant or a function."""
     if x is None or isinstance(x, (int, NamedAxes)):
         return True
     if isinstance(x, tuple):
@@ -333,37 +355,41 @@ def _is_axes_leaf(x: Any) -> bool:
 
 
 def _axes_from_tree(spec_tree: Any, tree: Any) -> Any:
-    leaves, treedef = _leaves_with_paths(tree)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)
     try:
         # Flatten the specs *up to* the parameters' structure, so that tuple
         # containers (Equinox MLP layers, tuple params) and callable pytree
         # nodes (Equinox modules) are walked into rather than taken as specs.
-        specs = treedef.flatten_up_to(spec_tree)
+        specs = treedef.flatten_up_to(spec_tree)  # type: ignore[attr-defined]  # not in the stub
     except (ValueError, TypeError) as err:
         tree_paths = [path_str(p) for p, _ in leaves]
-        spec_paths = [
-            path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(spec_tree, is_leaf=_is_axes_leaf)[0]
-        ]
+        spec_leaves = jax.tree_util.tree_flatten_with_path(spec_tree, is_leaf=_is_axes_leaf)[0]
+        spec_paths = [path_str(p) for p, _ in spec_leaves]
         missing = sorted(set(tree_paths) - set(spec_paths))
         extra = sorted(set(spec_paths) - set(tree_paths))
         raise ValueError(
             "the fan_in tree does not match the structure of the parameters: "
-            f"parameters without axes: {missing[:5]}, axes without parameters: {extra[:5]} ({err})"
+            f"parameters without axes: {missing[:5]}, axes without parameters: {extra[:5]} "
+            f"({err})"
         ) from None
-    out = []
-    for (path, leaf), spec in zip(leaves, specs):
-        p = path_str(path)
+    out: list[tuple[int, ...] | None] = []
+    for (key_path, leaf), spec in zip(leaves, specs, strict=True):
+        p = path_str(key_path)
         if leaf is None or spec is None:
             if (leaf is None) != (spec is None):
-                raise ValueError(f"the fan_in tree has {spec!r} for parameter {p!r}, which is {leaf!r}")
+                raise ValueError(
+                    f"the fan_in tree has {spec!r} for parameter {p!r}, which is {leaf!r}"
+                )
             out.append(None)
             continue
-        if not (_is_axes_leaf(spec) or (isinstance(spec, list) and all(isinstance(a, int) for a in spec))):
+        is_int_list = isinstance(spec, list) and all(isinstance(a, int) for a in spec)
+        if not (_is_axes_leaf(spec) or is_int_list):
             raise ValueError(
-                f"the fan_in tree does not match the structure of the parameters: it has {spec!r} "
-                f"for parameter {p!r}, expected axes (int, tuple of ints, named constant or callable)"
+                f"the fan_in tree does not match the structure of the parameters: it has "
+                f"{spec!r} for parameter {p!r}, expected axes (int, tuple of ints, named "
+                "constant or callable)"
             )
-        shape = _shape(leaf)
+        shape = _shape(leaf, p)
         out.append(_normalise(_axes_of(spec, shape), shape, p))
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -386,3 +412,32 @@ def fan_in_size(shape: Sequence[int], axes: Sequence[int]) -> int:
       18
     """
     return math.prod(shape[a] for a in axes)
+
+
+# ----------------------------------------------------------------- deprecated names (0.2.0)
+
+
+def resolve_fan_in(fan_in: FanIn, tree: Any) -> Any:
+    """Deprecated since 0.2.0: use ``fan_in_axes(tree, fan_in)`` (arguments swapped)."""
+    warnings.warn(
+        "optax_neuron.resolve_fan_in(fan_in, tree) is deprecated; use "
+        "optax_neuron.fan_in_axes(tree, fan_in) (tree first, like every other function)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return fan_in_axes(tree, fan_in)
+
+
+_DEPRECATED = {"NONE": ("NO_AXES", NO_AXES)}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        new_name, value = _DEPRECATED[name]
+        warnings.warn(
+            f"optax_neuron.fan_in.{name} is deprecated; use optax_neuron.fan_in.{new_name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

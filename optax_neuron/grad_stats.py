@@ -12,7 +12,7 @@ optimizer state, and one function that reads them back:
   per-neuron L2 norms (over each leaf's fan-in axes, see
   :mod:`optax_neuron.fan_in`) of the incoming updates, and passes the updates
   through untouched.
-* :func:`metrics` collects all of these from anywhere inside an optimizer state
+* :func:`collect_metrics` collects all of these from anywhere inside an optimizer state
   (``optax.chain``, ``inject_hyperparams``, ``MultiSteps``, ``masked``, the
   ``opt_state`` of ``flax.nnx.Optimizer``) into a flat ``{name: array}`` dict
   keyed by parameter path, e.g. ``gradient_norm/conv1/kernel``, ready for a
@@ -36,36 +36,37 @@ a user-chosen name. The norms here could be written as measures for them, and
    both branches to return the same structure) rejects it;
    our states have a fixed structure from ``init`` on;
 2. per-neuron norms need the fan-in axes of every leaf, resolved from
-   parameter paths by :func:`optax_neuron.fan_in.resolve_fan_in`;
+   parameter paths by :func:`optax_neuron.fan_in.fan_in_axes`;
 3. fixed, project-unique field names (``gradient_norm``,
    ``gradient_global_norm``, ``gradient_neuron_norm``) let ``optax.tree.get``
-   and :func:`metrics` find them without a naming convention.
+   and :func:`collect_metrics` find them without a naming convention.
 
 :func:`running_gradient_mean` with a ``decay`` is the update-tree analogue of
 ``measure_with_ema`` (which averages a *measurement*, not the updates), with the
-cumulative mean as the ``decay=None`` case. :func:`metrics` also reads the
+cumulative mean as the ``decay=None`` case. :func:`collect_metrics` also reads the
 *scalar* measurements of ``optax.snapshot`` and ``optax.monitor`` states, under
 ``<measure name>`` or ``<measure name>/<parameter path>``.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from optax_neuron._validate import require_floating
-from optax_neuron.fan_in import path_str, resolve_fan_in
+from optax_neuron._tree import at_least_float32, leaves_with_paths, path_str
+from optax_neuron._validate import check_unit_interval, require_numeric
+from optax_neuron.fan_in import FanIn, fan_in_axes
 
 __all__ = [
     "GradientNormsState",
     "RunningGradientMeanState",
+    "collect_metrics",
     "gradient_norms",
     "leaf_norms",
-    "metrics",
     "neuron_norms",
     "running_gradient_mean",
 ]
@@ -105,28 +106,23 @@ class GradientNormsState(NamedTuple):
 def _acc_dtype(dtype: Any, accumulator_dtype: Any) -> Any:
     if accumulator_dtype is not None:
         return jnp.dtype(accumulator_dtype)
-    # float16/bfloat16 accumulate in float32; float32/64 stay.
-    return jnp.promote_types(dtype, jnp.float32)
+    # float16/bfloat16 and integers accumulate in float32; float32/64 stay.
+    return at_least_float32(dtype)
 
 
-def _check_decay(decay: Any) -> None:
-    if decay is None or isinstance(decay, jax.Array):
-        return  # None = cumulative mean; jax arrays come from inject_hyperparams.
-    if isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating, np.ndarray)):
-        raise TypeError(
-            f"running_gradient_mean: decay must be None (cumulative mean) or a float in (0, 1), "
-            f"got {decay!r} of type {type(decay).__name__}"
-        )
-    if not 0.0 < float(decay) < 1.0:
-        raise ValueError(
-            f"running_gradient_mean: decay must be None (cumulative mean) or a float in the open "
-            f"interval (0, 1), got {decay!r}"
-        )
+def _require_float_to_emit(updates: optax.Updates) -> None:
+    for path, g in leaves_with_paths(updates, keep_none=False)[0]:
+        if not jnp.issubdtype(g.dtype, jnp.inexact):
+            raise TypeError(
+                f"running_gradient_mean(emit='mean'): update {path!r} has dtype {g.dtype}, and "
+                "its running mean would be rounded to it; use emit='updates' (monitoring) or "
+                "mask the leaf out"
+            )
 
 
 def running_gradient_mean(
     decay: float | None = None,
-    debias: bool = True,
+    debias: bool | jax.Array = True,
     emit: str = "updates",
     accumulator_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -164,8 +160,14 @@ def running_gradient_mean(
       accumulator_dtype: dtype of the mean; default float32 for float16 and
         bfloat16 updates, the update dtype otherwise.
 
+    Integer and boolean leaves are averaged in float32 (or ``accumulator_dtype``).
+
     Raises:
-      TypeError: a non-floating-point parameter or update (its path is named).
+      TypeError: ``decay`` not a number; a parameter or update that is not a
+        number (``float0``, an object); with ``emit="mean"``, an integer or
+        boolean update, which the mean cannot be cast back to (paths are named).
+      ValueError: ``decay`` outside (0, 1); an unknown ``emit``; a
+        non-floating-point ``accumulator_dtype``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``None`` leaves (masked
@@ -183,20 +185,37 @@ def running_gradient_mean(
     """
     if emit not in _EMIT:
         raise ValueError(f"running_gradient_mean: emit must be one of {_EMIT}, got {emit!r}")
-    _check_decay(decay)
+    check_unit_interval(decay, "decay", "running_gradient_mean", open_low=True, allow_none=True)
+    if accumulator_dtype is not None and not jnp.issubdtype(accumulator_dtype, jnp.inexact):
+        raise ValueError(
+            "running_gradient_mean: accumulator_dtype must be a floating-point dtype, "
+            f"got {accumulator_dtype}"
+        )
 
-    def init_fn(params):
-        require_floating(params, "running_gradient_mean", "parameters")
-        mean = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _acc_dtype(p.dtype, accumulator_dtype)), params)
-        return RunningGradientMeanState(gradient_mean_count=jnp.zeros([], jnp.int32), gradient_mean=mean)
+    def init_fn(params: optax.Params) -> RunningGradientMeanState:
+        require_numeric(params, "running_gradient_mean", "parameters")
 
-    def update_fn(updates, state, params=None, **extra_args):
+        def zeros(p: jax.Array) -> jax.Array:
+            return jnp.zeros(jnp.shape(p), _acc_dtype(p.dtype, accumulator_dtype))
+
+        return RunningGradientMeanState(
+            gradient_mean_count=jnp.zeros([], jnp.int32), gradient_mean=jax.tree.map(zeros, params)
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: RunningGradientMeanState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, RunningGradientMeanState]:
         del params, extra_args
-        require_floating(updates, "running_gradient_mean", "updates")
-        count = optax.safe_increment(state.gradient_mean_count)
+        require_numeric(updates, "running_gradient_mean", "updates")
+        if emit == "mean":
+            _require_float_to_emit(updates)
+        count: jax.Array = optax.safe_increment(state.gradient_mean_count)
 
-        def weight(dtype):  # w_t, computed in the accumulator dtype
-            t = count.astype(dtype)
+        def weight(dtype: Any) -> jax.Array:  # w_t, computed in the accumulator dtype
+            t: jax.Array = count.astype(dtype)
             if decay is None:
                 return 1.0 / t
             beta = jnp.asarray(decay).astype(dtype)
@@ -207,7 +226,7 @@ def running_gradient_mean(
                 return debiased
             return jnp.where(debias, debiased, 1.0 - beta)  # a traced bool
 
-        def step(m, g):
+        def step(m: jax.Array, g: jax.Array) -> jax.Array:
             return m + weight(m.dtype) * (g.astype(m.dtype) - m)
 
         mean = jax.tree.map(step, state.gradient_mean, updates)
@@ -220,13 +239,15 @@ def running_gradient_mean(
 
 
 def _norm32(x: jax.Array, axis: Any = None, keepdims: bool = False) -> jax.Array:
+    """L2 norm taken in at least float32 (integers and booleans included)."""
     x = jnp.asarray(x)
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims))
+    x = x.astype(at_least_float32(x.dtype))
+    squares = jnp.square(jnp.abs(x)) if jnp.iscomplexobj(x) else jnp.square(x)
+    return jnp.sqrt(jnp.sum(squares, axis=axis, keepdims=keepdims))
 
 
 def leaf_norms(tree: Any) -> Any:
-    """The L2 norm of every leaf (float32 at least): a tree of scalars.
+    r"""The L2 norm :math:`\lVert x \rVert_2` of every leaf (float32 at least): a tree of scalars.
 
     Usable as a measure for ``optax.snapshot`` / ``optax.monitor``.
 
@@ -238,8 +259,8 @@ def leaf_norms(tree: Any) -> Any:
     return jax.tree.map(_norm32, tree)
 
 
-def neuron_norms(tree: Any, fan_in: Any = None) -> Any:
-    r"""Per-neuron L2 norms :math:`\sqrt{\sum_{i \in A} g_i^2}` over each leaf's fan-in axes :math:`A`.
+def neuron_norms(tree: Any, fan_in: FanIn = None) -> Any:
+    r"""Per-neuron L2 norms :math:`\sqrt{\sum_{i \in A} g_i^2}` over each leaf's fan-in axes.
 
     Each result has shape ``neuron_shape(leaf.shape, axes)``: the fan-in axes
     are kept with size 1, so it broadcasts against the leaf. A leaf with no
@@ -247,19 +268,21 @@ def neuron_norms(tree: Any, fan_in: Any = None) -> Any:
 
     Args:
       tree: updates or parameters.
-      fan_in: any form accepted by :func:`optax_neuron.fan_in.resolve_fan_in`
-        (``None`` = the Flax preset).
+      fan_in: any form accepted by :func:`optax_neuron.fan_in.fan_in_axes`
+        (``None`` = the default preset).
 
     Example:
       >>> import jax.numpy as jnp
       >>> neuron_norms({"dense": {"kernel": jnp.ones((4, 3))}})["dense"]["kernel"]
       Array([[2., 2., 2.]], dtype=float32)
     """
-    axes = resolve_fan_in(fan_in, tree)
+    axes = fan_in_axes(tree, fan_in)
     return jax.tree.map(lambda g, a: _norm32(g, axis=a, keepdims=True), tree, axes)
 
 
-def gradient_norms(fan_in: Any = None, per_neuron: bool = True) -> optax.GradientTransformationExtraArgs:
+def gradient_norms(
+    fan_in: FanIn = None, per_neuron: bool = True
+) -> optax.GradientTransformationExtraArgs:
     r"""Record L2 norms of the incoming updates in the state; pass the updates through.
 
     For updates :math:`g` the state keeps
@@ -272,13 +295,19 @@ def gradient_norms(fan_in: Any = None, per_neuron: bool = True) -> optax.Gradien
       ``neuron_shape(leaf.shape, axes)`` (see :func:`neuron_norms`).
 
     Norms are float32 (float64 for float64 updates) and zero before the first
-    update. Read them with :func:`metrics` or ``optax.tree.get``.
+    update; integer and boolean leaves are measured in float32. Read them with
+    :func:`collect_metrics` or ``optax.tree.get``.
 
     Args:
       fan_in: fan-in axes for the per-neuron norms, any form accepted by
-        :func:`optax_neuron.fan_in.resolve_fan_in` (default: the Flax preset).
+        :func:`optax_neuron.fan_in.fan_in_axes` (default: the default preset).
       per_neuron: keep per-neuron norms (``False`` stores ``None`` and needs
         no fan-in rules).
+
+    Raises:
+      TypeError: a parameter or update that is not a number (``float0``, an
+        object); its path is named.
+      ValueError: a ``fan_in`` that does not fit the parameters (path named).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -294,25 +323,34 @@ def gradient_norms(fan_in: Any = None, per_neuron: bool = True) -> optax.Gradien
     """
     per_neuron = bool(per_neuron)
 
-    def measure(tree):
-        require_floating(tree, "gradient_norms", "updates")
+    def measure(tree: Any) -> tuple[Any, jax.Array, Any]:
         norms = leaf_norms(tree)
         squares = [jnp.square(n.astype(jnp.float32)) for n in jax.tree.leaves(norms)]
         global_norm = jnp.sqrt(sum(squares)) if squares else jnp.zeros([], jnp.float32)
         neurons = neuron_norms(tree, fan_in) if per_neuron else None
         return norms, global_norm, neurons
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> GradientNormsState:
+        require_numeric(params, "gradient_norms", "parameters")
         norms, global_norm, neurons = jax.eval_shape(measure, params)
-        zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
+
+        def zeros(s: jax.ShapeDtypeStruct) -> jax.Array:
+            return jnp.zeros(s.shape, s.dtype)
+
         return GradientNormsState(
             gradient_norm=jax.tree.map(zeros, norms),
             gradient_global_norm=zeros(global_norm),
             gradient_neuron_norm=jax.tree.map(zeros, neurons),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: GradientNormsState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, GradientNormsState]:
         del state, params, extra_args
+        require_numeric(updates, "gradient_norms", "updates")
         norms, global_norm, neurons = measure(updates)
         return updates, GradientNormsState(norms, global_norm, neurons)
 
@@ -328,16 +366,21 @@ def _is_variable(x: Any) -> bool:
 
 
 def _unwrap(tree: Any) -> Any:
-    return jax.tree.map(lambda v: v.get_value() if _is_variable(v) else v, tree, is_leaf=_is_variable)
+    def value(v: Any) -> Any:
+        return v.get_value() if _is_variable(v) else v
+
+    return jax.tree.map(value, tree, is_leaf=_is_variable)
+
+
+_STATES = (RunningGradientMeanState, GradientNormsState, optax.SnapshotState, optax.MonitorState)
 
 
 def _is_state(x: Any) -> bool:
-    return isinstance(x, (RunningGradientMeanState, GradientNormsState, optax.SnapshotState, optax.MonitorState))
+    return isinstance(x, _STATES)
 
 
 def _with_paths(tree: Any) -> list[tuple[str, Any]]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(path_str(p), leaf) for p, leaf in leaves]
+    return leaves_with_paths(tree, keep_none=False)[0]
 
 
 def _key(kind: str, path: str) -> str:
@@ -345,7 +388,7 @@ def _key(kind: str, path: str) -> str:
 
 
 def _entries(state: Any, per_neuron: bool) -> list[tuple[str, jax.Array]]:
-    out = []
+    out: list[tuple[str, jax.Array]] = []
     if isinstance(state, RunningGradientMeanState):
         for p, m in _with_paths(state.gradient_mean):
             out.append((_key("gradient_mean_norm", p), _norm32(m)))
@@ -353,15 +396,17 @@ def _entries(state: Any, per_neuron: bool) -> list[tuple[str, jax.Array]]:
         out += [(_key("gradient_norm", p), n) for p, n in _with_paths(state.gradient_norm)]
         out.append(("gradient_norm/global", state.gradient_global_norm))
         if per_neuron and state.gradient_neuron_norm is not None:
-            out += [(_key("gradient_neuron_norm", p), n) for p, n in _with_paths(state.gradient_neuron_norm)]
+            neurons = _with_paths(state.gradient_neuron_norm)
+            out += [(_key("gradient_neuron_norm", p), n) for p, n in neurons]
     else:  # optax.snapshot / optax.monitor: scalar measurements only
-        measured = state.measurement if isinstance(state, optax.SnapshotState) else state.measurements
+        snapshot = isinstance(state, optax.SnapshotState)
+        measured = state.measurement if snapshot else state.measurements
         for name, value in measured.items():
             out += [(_key(str(name), p), v) for p, v in _with_paths(value) if jnp.ndim(v) == 0]
     return out
 
 
-def metrics(opt_state: Any, *, per_neuron: bool = False) -> dict[str, jax.Array]:
+def collect_metrics(opt_state: Any, *, per_neuron: bool = False) -> dict[str, jax.Array]:
     """Collect the monitoring values of an optimizer state into a flat dict.
 
     Searches the whole state, so the pieces may sit anywhere: inside
@@ -399,7 +444,7 @@ def metrics(opt_state: Any, *, per_neuron: bool = False) -> dict[str, jax.Array]
       >>> tx = optax.chain(gradient_norms(), running_gradient_mean(), optax.sgd(0.1))
       >>> params = {"w": jnp.zeros(2)}
       >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(params), params)
-      >>> {k: float(v) for k, v in metrics(state).items()}
+      >>> {k: float(v) for k, v in collect_metrics(state).items()}
       {'gradient_mean_norm/w': 5.0, 'gradient_norm/global': 5.0, 'gradient_norm/w': 5.0}
     """
     opt_state = _unwrap(opt_state)
@@ -416,9 +461,18 @@ def metrics(opt_state: Any, *, per_neuron: bool = False) -> dict[str, jax.Array]
             key = _key(where, k) if clash and where else k
             if key in out:
                 raise ValueError(
-                    f"metrics: two monitoring values share the key {key!r}; give the parameter "
-                    "or the measurement another name"
+                    f"collect_metrics: two monitoring values share the key {key!r}; give the "
+                    "parameter or the measurement another name"
                 )
             out[key] = v
     return dict(sorted(out.items()))
 
+
+def metrics(opt_state: Any, *, per_neuron: bool = False) -> dict[str, jax.Array]:
+    """Deprecated since 0.2.0: use :func:`collect_metrics` (same arguments)."""
+    warnings.warn(
+        "optax_neuron.metrics is deprecated; use optax_neuron.collect_metrics",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return collect_metrics(opt_state, per_neuron=per_neuron)

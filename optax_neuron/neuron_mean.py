@@ -1,6 +1,6 @@
 """Neuron-mean momentum: momentum shared by all incoming connections of a neuron.
 
-The seed question (a TensorFlow optimizer): in SGD with momentum, replace the
+The original question (a TensorFlow optimizer): in SGD with momentum, replace the
 momentum of a connection by the mean momentum of all *incoming* connections of
 the same neuron. For the connection ``(2, 5)`` from neuron 2 to neuron 5, whose
 incoming connections are ``(2, 5)`` and ``(3, 5)``::
@@ -15,7 +15,8 @@ for a convolution ``W[h, w, in, out]`` over axes 0, 1, 2. Which axes they are is
 decided per parameter path by :mod:`optax_neuron.fan_in`.
 
 Writing ``mean`` for the mean over the fan-in axes (kept as size-1 dims), the
-seed keeps a full per-connection accumulator ``a_t = g_t + mu * mean(a_{t-1})``.
+TensorFlow optimizer from the question keeps a full per-connection accumulator
+``a_t = g_t + mu * mean(a_{t-1})``.
 Since ``mean`` is linear and ``mean(mean(x)) = mean(x)``,
 ``mean(a_t) = mean(g_t) + mu * mean(a_{t-1})``: the per-neuron value
 ``m_t = mean(a_t)`` obeys its own recursion and is all that needs to be kept.
@@ -23,16 +24,15 @@ Since ``mean`` is linear and ``mean(mean(x)) = mean(x)``,
 
 from __future__ import annotations
 
-import numbers
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from optax_neuron._validate import require_floating
-from optax_neuron.fan_in import fan_in_size, neuron_shape, path_str, resolve_fan_in
+from optax_neuron._tree import at_least_float32, path_str
+from optax_neuron._validate import check_learning_rate, check_unit_interval, require_floating
+from optax_neuron.fan_in import FanIn, fan_in_axes, fan_in_size, neuron_shape
 
 __all__ = ["NeuronMeanTraceState", "neuron_mean_sgd", "neuron_mean_trace"]
 
@@ -47,18 +47,6 @@ class NeuronMeanTraceState(NamedTuple):
     """
 
     neuron_momentum: optax.Params
-
-
-def _check_decay(value: Any, name: str) -> None:
-    """Range check for a concrete momentum; traced values (inject_hyperparams) pass."""
-    if value is None:
-        raise ValueError(f"{name} must be a number in [0, 1), got None")
-    if isinstance(value, (numbers.Real, np.ndarray, np.generic)):
-        arr = np.asarray(value)
-        if arr.shape != () or not np.issubdtype(arr.dtype, np.number):
-            raise ValueError(f"{name} must be a scalar number in [0, 1), got {value!r}")
-        if not 0.0 <= float(arr) < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
 def _fan_in_mean(g: jax.Array, axes: tuple[int, ...], dtype: Any) -> jax.Array:
@@ -87,19 +75,11 @@ def _fan_in_mean(g: jax.Array, axes: tuple[int, ...], dtype: Any) -> jax.Array:
     return (total / n).astype(dtype).reshape(neuron_shape(g.shape, axes))
 
 
-def _mean_dtype(*dtypes) -> Any:
-    """Dtype for the fan-in mean: the promoted dtype, at least float32."""
-    dtype = jnp.result_type(*dtypes)
-    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
-        return jnp.float32
-    return dtype
-
-
 def neuron_mean_trace(
     decay: jax.typing.ArrayLike,
     nesterov: bool = False,
-    fan_in: Any = None,
-    accumulator_dtype: Optional[Any] = None,
+    fan_in: FanIn = None,
+    accumulator_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Momentum whose state is the mean over the incoming connections of each neuron.
 
@@ -114,8 +94,8 @@ def neuron_mean_trace(
       u_t &= g_t + \mu\, m_{t-1} \quad\text{(or } g_t + \mu\, m_t
       \text{ with Nesterov).}
 
-    This is exactly the seed's optimizer, which keeps a full per-connection
-    accumulator :math:`a_t = g_t + \mu\, \bar a_{t-1}` and returns
+    This is exactly the TensorFlow optimizer from the original question, which
+    keeps a full per-connection accumulator :math:`a_t = g_t + \mu\, \bar a_{t-1}` and returns
     :math:`u_t = a_t` (Nesterov: :math:`g_t + \mu\, \bar a_t`). Proof: the mean
     is linear and :math:`\bar{\bar x} = \bar x`, so
     :math:`\bar a_t = \bar g_t + \mu\, \bar a_{t-1}`, the recursion of
@@ -138,7 +118,7 @@ def neuron_mean_trace(
       nesterov: use Nesterov momentum.
       fan_in: the fan-in axes of every leaf: ``None`` (the
         :data:`optax_neuron.fan_in.FLAX` preset), a rules list, a tree of axes
-        or a callable; see :func:`optax_neuron.fan_in.resolve_fan_in`. Static.
+        or a callable; see :func:`optax_neuron.fan_in.fan_in_axes`. Static.
       accumulator_dtype: dtype of the per-neuron state; ``None`` uses the dtype
         of the parameters.
 
@@ -149,7 +129,8 @@ def neuron_mean_trace(
     Raises:
       ValueError: ``decay`` outside ``[0, 1)``; a ``fan_in`` that does not fit
         the parameters (the path is named).
-      TypeError: a non-floating-point parameter or update (the path is named).
+      TypeError: ``decay`` not a number; a non-floating-point parameter or
+        update (the path is named).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -165,38 +146,52 @@ def neuron_mean_trace(
       >>> state.neuron_momentum["dense"]["kernel"]  # mean over the 3 inputs
       Array([[3., 4.]], dtype=float32)
     """
-    _check_decay(decay, "decay")
+    check_unit_interval(decay, "decay", "neuron_mean_trace")
+    return _trace(decay, nesterov, fan_in, accumulator_dtype)
+
+
+def _trace(
+    decay: jax.typing.ArrayLike, nesterov: bool, fan_in: FanIn, accumulator_dtype: Any | None
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`neuron_mean_trace` without the argument check (its callers check ``decay``)."""
     if accumulator_dtype is not None:
         accumulator_dtype = jnp.dtype(accumulator_dtype)
         if not jnp.issubdtype(accumulator_dtype, jnp.inexact):
-            raise ValueError(f"accumulator_dtype must be a floating-point dtype, got {accumulator_dtype}")
+            raise ValueError(
+                f"accumulator_dtype must be a floating-point dtype, got {accumulator_dtype}"
+            )
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> NeuronMeanTraceState:
         require_floating(params, "neuron-mean momentum", "parameters")
-        axes = resolve_fan_in(fan_in, params)
+        axes = fan_in_axes(params, fan_in)
 
-        def zeros(path, p, ax):
+        def zeros(p: jax.Array, ax: tuple[int, ...]) -> jax.Array:
             dtype = p.dtype if accumulator_dtype is None else accumulator_dtype
             return jnp.zeros(neuron_shape(p.shape, ax), dtype)
 
-        return NeuronMeanTraceState(
-            neuron_momentum=jax.tree_util.tree_map_with_path(zeros, params, axes)
-        )
+        return NeuronMeanTraceState(neuron_momentum=jax.tree.map(zeros, params, axes))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: NeuronMeanTraceState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, NeuronMeanTraceState]:
         del params, extra_args
         require_floating(updates, "neuron-mean momentum", "updates")
-        axes = resolve_fan_in(fan_in, updates)
+        axes = fan_in_axes(updates, fan_in)
 
-        def one(path, g, m, ax):
-            p = path_str(path)
-            if m.shape != neuron_shape(g.shape, ax):
+        def one(
+            key_path: Any, g: jax.Array, m: jax.Array, ax: tuple[int, ...]
+        ) -> tuple[jax.Array, jax.Array]:
+            expected = neuron_shape(g.shape, ax)
+            if m.shape != expected:
                 raise ValueError(
-                    f"the state of parameter {p!r} has shape {m.shape}, expected "
-                    f"{neuron_shape(g.shape, ax)} for updates of shape {g.shape} with fan-in "
-                    f"axes {ax}: was the state made with another fan_in or other parameters?"
+                    f"the state of parameter {path_str(key_path)!r} has shape {m.shape}, "
+                    f"expected {expected} for updates of shape {g.shape} with fan-in axes "
+                    f"{ax}: was the state made with another fan_in or other parameters?"
                 )
-            dtype = _mean_dtype(g.dtype, m.dtype)
+            dtype = at_least_float32(g.dtype, m.dtype)
             if not ax:
                 g_mean = g.astype(dtype)
             elif fan_in_size(g.shape, ax) == 0:  # neurons with no inputs
@@ -209,10 +204,8 @@ def neuron_mean_trace(
             return out.astype(g.dtype), new_m.astype(m.dtype)
 
         pairs = jax.tree_util.tree_map_with_path(one, updates, state.neuron_momentum, axes)
-        first = lambda _, pair: pair[0]  # noqa: E731
-        second = lambda _, pair: pair[1]  # noqa: E731
-        new_updates = jax.tree.map(first, updates, pairs)
-        new_m = jax.tree.map(second, updates, pairs)
+        new_updates = jax.tree.map(lambda _, pair: pair[0], updates, pairs)
+        new_m = jax.tree.map(lambda _, pair: pair[1], updates, pairs)
         return new_updates, NeuronMeanTraceState(neuron_momentum=new_m)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -222,10 +215,10 @@ def neuron_mean_sgd(
     learning_rate: optax.ScalarOrSchedule,
     momentum: jax.typing.ArrayLike = 0.9,
     nesterov: bool = False,
-    fan_in: Any = None,
-    accumulator_dtype: Optional[Any] = None,
+    fan_in: FanIn = None,
+    accumulator_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""SGD with neuron-mean momentum: the seed's optimizer, for every layer type.
+    r"""SGD with neuron-mean momentum: the optimizer of the original question, any layer type.
 
     The neuron-mean counterpart of :func:`optax.sgd`: a chain of
     :func:`neuron_mean_trace` and :func:`optax.scale_by_learning_rate`. With
@@ -238,7 +231,7 @@ def neuron_mean_sgd(
       u_t = -\eta_t\,(g_t + \mu\, m_{t-1})
       \quad(\text{Nesterov: } -\eta_t\,(g_t + \mu\, m_t)),
 
-    which equals the seed's ``acc <- grad + mu * mean_fanin(acc)``,
+    which equals the question's ``acc <- grad + mu * mean_fanin(acc)``,
     ``var -= lr * acc`` step for step (see :func:`neuron_mean_trace` for the
     proof) while keeping one state value per neuron.
 
@@ -246,12 +239,17 @@ def neuron_mean_sgd(
       learning_rate: a scalar or an :class:`optax.Schedule`.
       momentum: :math:`\mu` in ``[0, 1)``.
       nesterov: use Nesterov momentum.
-      fan_in: fan-in axes (see :func:`optax_neuron.fan_in.resolve_fan_in`);
+      fan_in: fan-in axes (see :func:`optax_neuron.fan_in.fan_in_axes`);
         ``None`` is the Flax preset.
       accumulator_dtype: dtype of the per-neuron state (default: the params').
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+      TypeError: ``learning_rate`` neither a number nor a schedule; ``momentum``
+        not a number.
+      ValueError: ``momentum`` outside ``[0, 1)``; a NaN or infinite learning rate.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -266,13 +264,9 @@ def neuron_mean_sgd(
       >>> bool(loss(params) < 1e-3)
       True
     """
-    _check_decay(momentum, "momentum")
+    check_learning_rate(learning_rate, "neuron_mean_sgd")
+    check_unit_interval(momentum, "momentum", "neuron_mean_sgd")
     return optax.chain(
-        neuron_mean_trace(
-            decay=momentum,
-            nesterov=nesterov,
-            fan_in=fan_in,
-            accumulator_dtype=accumulator_dtype,
-        ),
+        _trace(momentum, nesterov, fan_in, accumulator_dtype),
         optax.scale_by_learning_rate(learning_rate),
     )

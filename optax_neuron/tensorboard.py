@@ -1,4 +1,4 @@
-"""Write :func:`optax_neuron.grad_stats.metrics` to TensorBoard event files.
+"""Write :func:`optax_neuron.grad_stats.collect_metrics` to TensorBoard event files.
 
 tensorboardX is an optional dependency (``pip install optax_neuron[mnist]``);
 it is imported only when :func:`summary_writer` is called, so the library
@@ -6,12 +6,12 @@ itself depends on JAX and Optax alone.
 
 Example:
   >>> import optax, jax.numpy as jnp, tempfile
-  >>> from optax_neuron import gradient_norms, metrics
+  >>> from optax_neuron import collect_metrics, gradient_norms
   >>> tx = optax.chain(gradient_norms(), optax.sgd(0.1))
   >>> params = {"w": jnp.zeros(2)}
   >>> _, state = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
   >>> with summary_writer(tempfile.mkdtemp()) as writer:
-  ...     write_metrics(writer, metrics(state), step=1)
+  ...     write_metrics(writer, collect_metrics(state), step=1)
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ def summary_writer(logdir: str, **kwargs: Any) -> Any:
 
 
 def write_metrics(writer: Any, values: Mapping[str, Any], step: int, *, prefix: str = "") -> None:
-    """Write a flat ``{name: value}`` dict (e.g. ``metrics(opt_state)``) at ``step``.
+    """Write a flat ``{name: value}`` dict (e.g. ``collect_metrics(opt_state)``) at ``step``.
 
     Scalars (0-d arrays, Python numbers) become TensorBoard scalars; larger
-    arrays (``metrics(..., per_neuron=True)``) become histograms. Values are
+    arrays (``collect_metrics(..., per_neuron=True)``) become histograms. Values are
     fetched from the device here, so call it every few steps, not inside
     ``jax.jit``.
 
@@ -69,14 +69,17 @@ def write_metrics(writer: Any, values: Mapping[str, Any], step: int, *, prefix: 
     """
     if not (hasattr(writer, "add_scalar") and hasattr(writer, "add_histogram")):
         raise TypeError(
-            f"write_metrics: writer must have add_scalar/add_histogram (a tensorboardX.SummaryWriter, "
-            f"e.g. summary_writer(logdir)), got {type(writer).__name__}"
+            "write_metrics: writer must have add_scalar/add_histogram (a "
+            "tensorboardX.SummaryWriter, e.g. summary_writer(logdir)), got "
+            f"{type(writer).__name__}"
         )
     step = int(step)
     for name, value in values.items():
         array = np.asarray(value)
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-            raise TypeError(f"write_metrics: value for {name!r} is not numeric (dtype {array.dtype})")
+            raise TypeError(
+                f"write_metrics: value for {name!r} is not numeric (dtype {array.dtype})"
+            )
         tag = f"{prefix}{name}"
         if array.ndim == 0:
             writer.add_scalar(tag, float(array), step)

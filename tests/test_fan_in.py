@@ -26,14 +26,14 @@ from optax_neuron.fan_in import (
     ALL_BUT_FIRST,
     ALL_BUT_LAST,
     FLAX,
-    NONE,
+    FLAX_STRICT,
+    NO_AXES,
     TORCH,
     fan_in_axes,
     fan_in_size,
     first_match,
     neuron_shape,
     path_str,
-    resolve_fan_in,
 )
 
 
@@ -420,11 +420,11 @@ def _spy(record):
         return [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
     def init_fn(params):
-        record["init"] = (keypaths(params), by_path(resolve_fan_in(None, params)))
+        record["init"] = (keypaths(params), by_path(fan_in_axes(params, None)))
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
-        record["update"] = (keypaths(updates), by_path(resolve_fan_in(None, updates)))
+        record["update"] = (keypaths(updates), by_path(fan_in_axes(updates, None)))
         return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -476,7 +476,7 @@ def test_linear_general_needs_a_user_rule():
     assert measured.shape[:2] == (2, 4) and (measured.reshape(8, -1).sum(1) == 8).all()
     assert fan_in_size(kernel.shape, default) == 16
 
-    fixed = by_path(resolve_fan_in([("*proj/kernel", (0,)), *FLAX], params))
+    fixed = by_path(fan_in_axes(params, [("*proj/kernel", (0,)), *FLAX]))
     assert fixed == {"proj/kernel": (0,), "proj/bias": ()}
     np.testing.assert_array_equal(measured, incoming_from_axes(kernel.shape, fixed["proj/kernel"]))
 
@@ -486,32 +486,102 @@ def test_linear_general_needs_a_user_rule():
 # --------------------------------------------------------------------------
 
 
-def test_unmatched_leaf_names_path_and_rules():
+def test_unmatched_leaf_names_path_in_one_line():
     params = {"encoder": {"weird": np.zeros((2, 3))}}
     with pytest.raises(ValueError, match=r"encoder/weird") as err:
-        fan_in_axes(params)
-    assert "'kernel'" in str(err.value) and "'*/bias'" in str(err.value) and "(2, 3)" in str(err.value)
+        fan_in_axes(params, FLAX_STRICT)
+    message = str(err.value)
+    assert "\n" not in message and "(2, 3)" in message
+    # The long preset is counted, not listed glob by glob (issue 14: "30 globs listed").
+    assert f"none of the {len(FLAX_STRICT)} rules" in message and "'*/bias'" not in message
+    assert "fan_in=None" in message  # says how to get the x @ W guess
+    # A short rules list is listed.
     with pytest.raises(ValueError, match=r"rules tried: \['\*\.weight'\]"):
-        resolve_fan_in([("*.weight", ALL_BUT_FIRST)], {"w": np.zeros(3)})
+        fan_in_axes({"w": np.zeros(3)}, [("*.weight", ALL_BUT_FIRST)])
+    with pytest.raises(ValueError, match=r"'w'"):
+        fan_in_axes({"w": np.zeros(3)}, TORCH)  # TORCH stays strict
+
+
+# --------------------------------------------------------------------------
+# Plain pytrees: the default preset guesses by the x @ W convention.
+# --------------------------------------------------------------------------
+
+
+def test_plain_pytrees_follow_the_x_at_w_convention():
+    # Expected axes from the convention itself: y = x @ W, W (in, out): output j's
+    # inputs are W[:, j] (axis 0); a conv-like (k, in, out) reduces over (0, 1).
+    params = {
+        "W1": np.zeros((784, 64)),
+        "b1": np.zeros(64),
+        "W2": np.zeros((3, 16, 8)),
+        "s": np.zeros(()),
+        "nested": [np.zeros((5, 2)), np.zeros(2)],
+    }
+    assert fan_in_axes(params) == {
+        "W1": (0,),
+        "b1": (),
+        "W2": (0, 1),
+        "s": (),
+        "nested": [(0,), ()],
+    }
+    assert fan_in_axes([np.zeros((4, 3)), np.zeros(3)]) == [(0,), ()]
+    # The named rules still come first: an attention query kernel is not guessed.
+    assert fan_in_axes({"attn": {"query": {"kernel": np.zeros((6, 2, 4))}}}) == {
+        "attn": {"query": {"kernel": (0,)}}
+    }
+    # The strict preset refuses the same tree, naming the first unknown path.
+    with pytest.raises(ValueError, match=r"parameter 'W1' \(shape \(784, 64\)\)"):
+        fan_in_axes(params, FLAX_STRICT)
+
+
+def test_plain_pytree_guess_matches_measured_connectivity():
+    # The measured incoming connections of y = x @ W + b agree with the guess.
+    w = positive(5, 3)
+
+    def run(kernel):
+        return positive(5, seed=1) @ kernel  # one output per unit
+
+    measured = measured_incoming(run, w)
+    np.testing.assert_array_equal(measured, incoming_from_axes(w.shape, fan_in_axes({"W": w})["W"]))
+
+
+def test_default_refuses_out_first_weight_names():
+    # Equinox / PyTorch call an (out, in) matrix `weight`: the x @ W guess would
+    # average its outgoing connections, so the default preset refuses it.
+    params = {"layers": [{"weight": np.zeros((64, 784)), "bias": np.zeros(64)}]}
+    with pytest.raises(ValueError, match=r"'layers/0/weight' \(shape \(64, 784\)\).*TORCH") as err:
+        fan_in_axes(params)
+    assert "\n" not in str(err.value)
+    assert fan_in_axes(params, TORCH) == {"layers": [{"weight": (1,), "bias": ()}]}
+    # Rank-1 `weight` (a LayerNorm scale in Equinox) is one neuron per element.
+    assert fan_in_axes({"norm": {"weight": np.zeros(8)}}) == {"norm": {"weight": ()}}
+    # A user rule ahead of the preset settles an (in, out) `weight`.
+    rules = [("*weight", ALL_BUT_LAST), *FLAX]
+    assert fan_in_axes(params, rules)["layers"][0]["weight"] == (0,)
+
+
+def test_default_preset_is_strict_preset_plus_fallback():
+    assert FLAX[: len(FLAX_STRICT)] == FLAX_STRICT
+    assert FLAX[-1] == ("*", ALL_BUT_LAST)
 
 
 @pytest.mark.parametrize("axes", [(2,), (-3,), 5, (0, 2)])
 def test_out_of_range_axes_name_path_and_shape(axes):
     params = {"dense": {"kernel": np.zeros((3, 4))}}
     with pytest.raises(ValueError, match=r"'dense/kernel'.*\(3, 4\)"):
-        resolve_fan_in([("*", axes)], params)
+        fan_in_axes(params, [("*", axes)])
     with pytest.raises(ValueError, match=r"'dense/kernel'.*\(3, 4\)"):
-        resolve_fan_in({"dense": {"kernel": axes}}, params)
+        fan_in_axes(params, {"dense": {"kernel": axes}})
 
 
 def test_repeated_axis_is_an_error():
     with pytest.raises(ValueError, match=r"'k'.*repeat"):
-        resolve_fan_in({"k": (0, -2)}, {"k": np.zeros((3, 4))})
+        fan_in_axes({"k": np.zeros((3, 4))}, {"k": (0, -2)})
 
 
 def test_callable_rule_returning_bad_axes_is_checked():
     with pytest.raises(ValueError, match=r"'k'.*\(3, 4\)"):
-        resolve_fan_in([("k", lambda shape: (len(shape),))], {"k": np.zeros((3, 4))})
+        fan_in_axes({"k": np.zeros((3, 4))}, [("k", lambda shape: (len(shape),))])
 
 
 def test_leaf_without_shape():
@@ -533,23 +603,23 @@ def test_leaf_without_shape():
 def test_fan_in_tree_structure_mismatch(spec):
     params = {"a": np.zeros((3, 4)), "b": [np.zeros(4), np.zeros(2)]}
     with pytest.raises(ValueError, match=r"fan_in tree|parameter 'a'"):
-        resolve_fan_in(spec, params)
+        fan_in_axes(params, spec)
 
 
 def test_fan_in_tree_mismatch_names_the_missing_path():
     params = {"a": np.zeros((3, 4)), "b": np.zeros(4)}
     with pytest.raises(ValueError, match=r"does not match the structure.*\['b'\]"):
-        resolve_fan_in({"a": (0,)}, params)
+        fan_in_axes(params, {"a": (0,)})
 
 
 def test_none_leaves_pass_through_every_form():
     params = {"frozen": None, "dense": {"kernel": np.zeros((3, 4)), "bias": None}}
     expected = {"frozen": None, "dense": {"kernel": (0,), "bias": None}}
     assert fan_in_axes(params) == expected
-    assert resolve_fan_in(None, params) == expected
-    assert resolve_fan_in([("*kernel", ALL_BUT_LAST)], params) == expected  # no rule needed for None
-    assert resolve_fan_in({"frozen": None, "dense": {"kernel": -2, "bias": None}}, params) == expected
-    assert resolve_fan_in(lambda t: [("*", (0,))], params) == expected
+    assert fan_in_axes(params, None) == expected
+    assert fan_in_axes(params, [("*kernel", ALL_BUT_LAST)]) == expected  # no rule needed for None
+    assert fan_in_axes(params, {"frozen": None, "dense": {"kernel": -2, "bias": None}}) == expected
+    assert fan_in_axes(params, lambda t: [("*", (0,))]) == expected
 
 
 # --------------------------------------------------------------------------
@@ -560,16 +630,16 @@ def test_none_leaves_pass_through_every_form():
 def test_resolve_accepts_every_form():
     params = {"conv": {"kernel": np.zeros((3, 3, 2, 8)), "bias": np.zeros(8)}, "head": [np.zeros((8, 10))]}
     expected = {"conv": {"kernel": (0, 1, 2), "bias": ()}, "head": [(0,)]}
-    assert resolve_fan_in(None, {"conv": params["conv"]}) == {"conv": expected["conv"]}
-    rules = [("*kernel", ALL_BUT_LAST), ("*bias", NONE), ("head/*", (-2,))]
-    assert resolve_fan_in(rules, params) == expected
-    assert resolve_fan_in(tuple(rules), params) == expected
-    tree = {"conv": {"kernel": (2, -3, 0), "bias": NONE}, "head": [0]}
-    assert resolve_fan_in(tree, params) == expected
+    assert fan_in_axes({"conv": params["conv"]}, None) == {"conv": expected["conv"]}
+    rules = [("*kernel", ALL_BUT_LAST), ("*bias", NO_AXES), ("head/*", (-2,))]
+    assert fan_in_axes(params, rules) == expected
+    assert fan_in_axes(params, tuple(rules)) == expected
+    tree = {"conv": {"kernel": (2, -3, 0), "bias": NO_AXES}, "head": [0]}
+    assert fan_in_axes(params, tree) == expected
     tree = {"conv": {"kernel": lambda shape: range(len(shape) - 1), "bias": ()}, "head": [ALL_BUT_LAST]}
-    assert resolve_fan_in(tree, params) == expected
-    assert resolve_fan_in(lambda t: rules, params) == expected  # callable -> rules
-    assert resolve_fan_in(lambda t: jax.tree.map(lambda x: ALL_BUT_LAST, t), params) == {
+    assert fan_in_axes(params, tree) == expected
+    assert fan_in_axes(params, lambda t: rules) == expected  # callable -> rules
+    assert fan_in_axes(params, lambda t: jax.tree.map(lambda x: ALL_BUT_LAST, t)) == {
         "conv": {"kernel": (0, 1, 2), "bias": ()},
         "head": [(0,)],
     }
@@ -579,18 +649,18 @@ def test_resolve_tree_of_axes_for_tuple_and_module_containers():
     # Tuples are containers in the params (Equinox MLP layers) and axes in the
     # fan_in tree; the tree is read up to the params' structure.
     params = (np.zeros((3, 4)), np.zeros(4))
-    assert resolve_fan_in(((0,), ()), params) == ((0,), ())
+    assert fan_in_axes(params, ((0,), ())) == ((0,), ())
     mlp = eqx.filter(eqx.filter_eval_shape(eqx.nn.MLP, 3, 2, 8, 1, key=jax.random.key(0)), _is_shape)
-    axes = resolve_fan_in(lambda t: fan_in_axes(t, TORCH), mlp)
+    axes = fan_in_axes(mlp, lambda t: fan_in_axes(t, TORCH))
     assert [layer.weight for layer in axes.layers] == [(1,), (1,)]
-    assert resolve_fan_in(fan_in_axes(mlp, TORCH), mlp).layers[0].weight == (1,)
+    assert fan_in_axes(mlp, fan_in_axes(mlp, TORCH)).layers[0].weight == (1,)
     state = nnx_params(abstract_nnx(lambda r: nnx.Linear(2, 3, rngs=r)))
-    assert by_path(resolve_fan_in(fan_in_axes(state), state)) == {"kernel": (0,), "bias": ()}
+    assert by_path(fan_in_axes(state, fan_in_axes(state))) == {"kernel": (0,), "bias": ()}
 
 
 def test_axes_tree_pairs_with_updates_under_tree_map():
     updates = {"conv": {"kernel": jnp.ones((3, 3, 2, 8))}, "dense": {"kernel": jnp.ones((4, 5)), "bias": None}}
-    axes = resolve_fan_in(None, updates)
+    axes = fan_in_axes(updates, None)
     sums = jax.tree.map(lambda u, a: u.sum(axis=a, keepdims=True), updates, axes)
     assert sums["conv"]["kernel"].shape == neuron_shape((3, 3, 2, 8), (0, 1, 2)) == (1, 1, 1, 8)
     np.testing.assert_array_equal(sums["dense"]["kernel"], np.full((1, 5), 4.0))
@@ -598,8 +668,8 @@ def test_axes_tree_pairs_with_updates_under_tree_map():
 
 
 def test_first_match_order_and_helpers():
-    rules = [("*/special/kernel", NONE), ("*kernel", ALL_BUT_LAST)]
-    assert first_match("a/special/kernel", rules) == (True, NONE)
+    rules = [("*/special/kernel", NO_AXES), ("*kernel", ALL_BUT_LAST)]
+    assert first_match("a/special/kernel", rules) == (True, NO_AXES)
     assert first_match("a/kernel", rules) == (True, ALL_BUT_LAST)
     assert first_match("a/bias", rules) == (False, None)
     assert fan_in_size((3, 3, 2, 8), (0, 1, 2)) == 18
@@ -621,7 +691,7 @@ def test_attention_rule_keeps_dense_rule_for_rank_two_query():
 # Property: resolved axes are always valid and equal an independent computation.
 # --------------------------------------------------------------------------
 
-_CONSTANTS = {"ALL_BUT_LAST": ALL_BUT_LAST, "ALL_BUT_FIRST": ALL_BUT_FIRST, "NONE": NONE}
+_CONSTANTS = {"ALL_BUT_LAST": ALL_BUT_LAST, "ALL_BUT_FIRST": ALL_BUT_FIRST, "NO_AXES": NO_AXES}
 
 
 def _reference_constant(name, rank):
@@ -670,7 +740,7 @@ def test_property_resolved_axes_are_valid(leaves, data):
         {f"layer{i}": {f"w{i}": spec} for i, (_, spec, _) in enumerate(leaves)},
         lambda tree: rules,
     ):
-        got = by_path(resolve_fan_in(fan_in, params))
+        got = by_path(fan_in_axes(params, fan_in))
         assert got == expected
         for name, (shape, _, _) in zip(names, leaves):
             axes = got[name]
@@ -685,10 +755,10 @@ def test_property_out_of_range_axis_is_rejected(shape, axis):
     shape = tuple(shape)
     params = {"k": np.zeros(shape)}
     if -len(shape) <= axis < len(shape):
-        assert resolve_fan_in({"k": axis}, params) == {"k": (axis % len(shape),)}
+        assert fan_in_axes(params, {"k": axis}) == {"k": (axis % len(shape),)}
     else:
         with pytest.raises(ValueError, match=r"'k'.*" + re_shape(shape)):
-            resolve_fan_in({"k": axis}, params)
+            fan_in_axes(params, {"k": axis})
 
 
 def re_shape(shape):

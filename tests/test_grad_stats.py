@@ -18,7 +18,7 @@ from optax_neuron.grad_stats import (
     RunningGradientMeanState,
     gradient_norms,
     leaf_norms,
-    metrics,
+    collect_metrics,
     neuron_norms,
     running_gradient_mean,
 )
@@ -158,20 +158,23 @@ def test_none_leaves_pass_through():
     out, state = tx.update(updates, tx.init(params), params)
     assert out["frozen"] is None
     assert optax.tree.get(state, "gradient_mean")["frozen"] is None
-    assert set(metrics(state)) == {"gradient_mean_norm/w", "gradient_norm/w", "gradient_norm/global"}
+    assert set(collect_metrics(state)) == {"gradient_mean_norm/w", "gradient_norm/w", "gradient_norm/global"}
 
 
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="emit must be one of"):
         running_gradient_mean(emit="average")
-    for bad in (0.0, 1.0, 1.5, -0.1):
-        with pytest.raises(ValueError, match=r"decay must be None .* \(0, 1\)"):
+    for bad in (0.0, 1.0, 1.5, -0.1, float("nan"), np.array([0.5, 0.5])):
+        with pytest.raises(ValueError, match=r"^running_gradient_mean: decay must be .*\(0, 1\)"):
             running_gradient_mean(decay=bad)
     for bad in ("0.9", True, [0.9]):
-        with pytest.raises(TypeError, match="decay must be None"):
+        with pytest.raises(TypeError, match=r"^running_gradient_mean: decay must be .* or None"):
             running_gradient_mean(decay=bad)
+    with pytest.raises(ValueError, match="accumulator_dtype"):
+        running_gradient_mean(accumulator_dtype=jnp.int32)
+    strict = fan_in.FLAX_STRICT
     with pytest.raises(ValueError, match="'blocks/0/weird'"):
-        gradient_norms().init({"blocks": [{"weird": jnp.zeros((2, 2))}]})
+        gradient_norms(fan_in=strict).init({"blocks": [{"weird": jnp.zeros((2, 2))}]})
 
 
 # ----------------------------------------------------------------------------- norms
@@ -258,7 +261,7 @@ def test_inside_multisteps_sees_the_averaged_gradients():
     big_steps = micro.reshape(2, 3, 3).mean(axis=1)  # MultiSteps averages 3 micro-steps
     assert int(optax.tree.get(state, "gradient_mean_count")) == 2
     np.testing.assert_allclose(np.asarray(optax.tree.get(state, "gradient_mean")["w"]), big_steps.mean(0), rtol=1e-6)
-    m = metrics(state)
+    m = collect_metrics(state)
     np.testing.assert_allclose(float(m["gradient_norm/w"]), _np_norm(big_steps[-1]), rtol=1e-6)
     np.testing.assert_allclose(float(m["gradient_mean_norm/w"]), _np_norm(big_steps.mean(0)), rtol=1e-6)
 
@@ -271,7 +274,7 @@ def test_inject_hyperparams_decay():
     ref = _np_ema([h["w"] for h in history], 0.8, True)
     np.testing.assert_allclose(np.asarray(outs[-1]["w"]), ref[-1], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(optax.tree.get(state, "gradient_mean")["w"]), ref[-1], rtol=1e-6)
-    assert set(metrics(state)) == {"gradient_mean_norm/w"}
+    assert set(collect_metrics(state)) == {"gradient_mean_norm/w"}
 
 
 def test_metrics_nested_chains_masked_and_paths():
@@ -283,7 +286,7 @@ def test_metrics_nested_chains_masked_and_paths():
         optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
     )
     _, state = tx.update(jax.tree.map(jnp.asarray, g), tx.init(params), params)
-    m = metrics(state)
+    m = collect_metrics(state)
     paths = ["conv1/bias", "conv1/kernel", "dense/bias", "dense/kernel"]
     expected = {f"gradient_norm/{p}" for p in paths} | {"gradient_norm/global"}
     expected |= {"gradient_mean_norm/conv1/kernel", "gradient_mean_norm/dense/kernel"}  # masked: kernels only
@@ -292,12 +295,12 @@ def test_metrics_nested_chains_masked_and_paths():
         a, b = p.split("/")
         np.testing.assert_allclose(float(m[f"gradient_norm/{p}"]), _np_norm(g[a][b]), rtol=1e-6)
     np.testing.assert_allclose(float(m["gradient_mean_norm/dense/kernel"]), _np_norm(g["dense"]["kernel"]), rtol=1e-6)
-    with_arrays = metrics(state, per_neuron=True)
+    with_arrays = collect_metrics(state, per_neuron=True)
     assert with_arrays["gradient_neuron_norm/conv1/kernel"].shape == (1, 1, 1, 4)
     assert set(with_arrays) - set(m) == {f"gradient_neuron_norm/{p}" for p in paths}
     assert all(jnp.ndim(v) == 0 for v in m.values())
-    # metrics() is traceable: it works inside jit too.
-    jm = jax.jit(metrics)(state)
+    # collect_metrics() is traceable: it works inside jit too.
+    jm = jax.jit(collect_metrics)(state)
     assert set(jm) == set(m)
 
 
@@ -305,7 +308,7 @@ def test_metrics_two_states_of_a_kind_get_location_prefixes():
     params = {"w": jnp.zeros(2)}
     tx = optax.chain(gradient_norms(), optax.clip_by_global_norm(1.0), gradient_norms(), optax.sgd(0.1))
     _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(params), params)
-    m = metrics(state)
+    m = collect_metrics(state)
     assert set(m) == {"0/gradient_norm/w", "0/gradient_norm/global", "2/gradient_norm/w", "2/gradient_norm/global"}
     np.testing.assert_allclose(float(m["0/gradient_norm/global"]), 5.0, rtol=1e-6)
     np.testing.assert_allclose(float(m["2/gradient_norm/global"]), 1.0, rtol=1e-6)
@@ -319,11 +322,11 @@ def test_metrics_single_array_and_optax_snapshot_monitor():
     )
     params = jnp.zeros(2)
     _, state = tx.update(jnp.array([6.0, 8.0]), tx.init(params), params)
-    m = metrics(state)
+    m = collect_metrics(state)
     assert set(m) == {"gradient_mean_norm", "update_norm", "ema_norm"}
     for k in m:
         np.testing.assert_allclose(float(m[k]), 10.0, rtol=1e-6)
-    assert metrics(optax.sgd(0.1).init(params)) == {}
+    assert collect_metrics(optax.sgd(0.1).init(params)) == {}
 
 
 def test_nnx_optimizer():
@@ -348,7 +351,7 @@ def test_nnx_optimizer():
 
     step(model, opt, grads)
     step(model, opt, grads)
-    m = metrics(opt.opt_state, per_neuron=True)
+    m = collect_metrics(opt.opt_state, per_neuron=True)
     paths = ["conv1/bias", "conv1/kernel", "dense/bias", "dense/kernel"]
     assert set(m) == (
         {f"{kind}/{p}" for kind in ("gradient_norm", "gradient_mean_norm", "gradient_neuron_norm") for p in paths}
@@ -422,11 +425,70 @@ def test_metrics_partition_and_key_clash_error():
     tx = optax.partition({"x": running_gradient_mean(), "y": optax.chain(gradient_norms(), optax.sgd(0.1))},
                          {"a": "x", "b": "y"})
     _, state = tx.update({"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0, 2.0, 2.0])}, tx.init(params), params)
-    m = metrics(state)
+    m = collect_metrics(state)
     assert set(m) == {"gradient_mean_norm/a", "gradient_norm/b", "gradient_norm/global"}
     np.testing.assert_allclose([float(m["gradient_mean_norm/a"]), float(m["gradient_norm/global"])], [5.0, 3.0])
     # A parameter literally called "global" would shadow the global norm: refused, not overwritten.
     tx = gradient_norms(per_neuron=False)
     p = {"global": jnp.zeros(2)}
     with pytest.raises(ValueError, match="share the key 'gradient_norm/global'"):
-        metrics(tx.init(p))
+        collect_metrics(tx.init(p))
+
+
+# ----------------------------------------------------------------- plain pytrees, integer leaves
+
+
+def test_gradient_norms_on_plain_pytrees():
+    # Issue 14: a monitoring piece refused {"W1": ..., "b1": ...}. Reference: NumPy norms,
+    # per neuron over axis 0 of W (x @ W convention).
+    rng = np.random.default_rng(3)
+    w, b = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    for params in ({"W1": jnp.asarray(w), "b1": jnp.asarray(b)}, [jnp.asarray(w), jnp.asarray(b)]):
+        tx = gradient_norms()
+        _, state = tx.update(params, tx.init(params), params)
+        neurons = jax.tree.leaves(state.gradient_neuron_norm)
+        np.testing.assert_allclose(neurons[0], np.sqrt((w**2).sum(0, keepdims=True)), rtol=1e-6)
+        np.testing.assert_allclose(neurons[1], np.abs(b), rtol=1e-6)
+        total = np.sqrt((w**2).sum() + (b**2).sum())
+        np.testing.assert_allclose(state.gradient_global_norm, total, rtol=1e-6)
+
+
+def test_integer_leaves_are_measured_in_float32():
+    # The README's promise: grad_stats measures integer leaves in float32.
+    ints = np.array([[1, 2], [3, 4], [5, 6]], np.int32)
+    params = {"dense": {"kernel": jnp.ones((3, 2))}, "step": jnp.zeros((), jnp.int32)}
+    grads = {"dense": {"kernel": jnp.asarray(ints)}, "step": jnp.asarray(7, jnp.int32)}
+    tx = gradient_norms()
+    state = tx.init(params)  # integer *params* are fine too
+    assert state.gradient_norm["step"].dtype == jnp.float32
+    out, state = tx.update(grads, state, params)
+    assert out is grads  # passed through untouched, integer dtype kept
+    np.testing.assert_allclose(state.gradient_norm["dense"]["kernel"], np.sqrt((ints**2).sum()))
+    np.testing.assert_allclose(state.gradient_neuron_norm["dense"]["kernel"],
+                               np.sqrt((ints.astype(np.float64) ** 2).sum(0, keepdims=True)), rtol=1e-6)
+    np.testing.assert_allclose(state.gradient_norm["step"], 7.0)
+
+    mean_tx = running_gradient_mean()
+    mstate = mean_tx.init(grads)
+    assert mstate.gradient_mean["dense"]["kernel"].dtype == jnp.float32
+    for k in (1, 2):
+        out, mstate = mean_tx.update(jax.tree.map(lambda g: g * k, grads), mstate)
+    np.testing.assert_allclose(mstate.gradient_mean["dense"]["kernel"], ints * 1.5)  # (1 + 2) / 2
+    assert out["dense"]["kernel"].dtype == jnp.int32
+
+
+def test_integer_leaf_errors_name_the_right_tree():
+    ints = {"dense": {"kernel": jnp.ones((3, 2), jnp.int32)}}
+    floats = {"dense": {"kernel": jnp.ones((3, 2))}}
+    # emit="mean" would round the mean back to integers: refused, naming the update.
+    tx = running_gradient_mean(emit="mean")
+    with pytest.raises(TypeError, match=r"emit='mean'.*update 'dense/kernel' has dtype int32"):
+        tx.update(ints, tx.init(floats))
+    # float0 (the gradient of an integer input) is not a number: the *parameters* are
+    # blamed at init, the *updates* at update.
+    zero = {"dense": {"kernel": np.zeros((3, 2), jax.dtypes.float0)}}
+    for name, tx in (("gradient_norms", gradient_norms()), ("running_gradient_mean", running_gradient_mean())):
+        with pytest.raises(TypeError, match=rf"^{name} needs numeric parameters; parameter 'dense/kernel'"):
+            tx.init(zero)
+        with pytest.raises(TypeError, match=rf"^{name} needs numeric updates; update 'dense/kernel'"):
+            tx.update(zero, tx.init(floats), floats)

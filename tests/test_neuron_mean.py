@@ -18,7 +18,8 @@ import pytest
 from flax import nnx
 
 import optax_neuron
-from optax_neuron import NeuronMeanTraceState, neuron_mean_sgd, neuron_mean_trace
+from optax_neuron import neuron_mean_sgd, neuron_mean_trace
+from optax_neuron.neuron_mean import NeuronMeanTraceState
 
 # ---------------------------------------------------------------------------
 # helpers: flat "a/b/c" dicts <-> nested dicts, and the NumPy reference
@@ -497,12 +498,60 @@ def test_empty_tree_and_zero_size_leaves():
     np.testing.assert_array_equal(state[0].neuron_momentum["a"]["kernel"], np.zeros((1, 3)))
 
 
-@pytest.mark.parametrize("bad", [1.0, 1.5, -0.1, float("nan"), None, np.float32(1.0), np.array([0.5, 0.5])])
+@pytest.mark.parametrize(
+    "bad", [1.0, 1.5, -0.1, float("nan"), np.float32(1.0), np.array([0.5, 0.5]), jnp.array(1.0)]
+)
 def test_bad_momentum_raises(bad):
-    with pytest.raises(ValueError, match="momentum"):
+    with pytest.raises(ValueError, match="neuron_mean_sgd: momentum must be .*\\[0, 1\\)"):
         neuron_mean_sgd(0.1, momentum=bad)
-    with pytest.raises(ValueError, match="decay"):
+    with pytest.raises(ValueError, match="neuron_mean_trace: decay must be"):
         neuron_mean_trace(bad)
+
+
+@pytest.mark.parametrize("bad", [None, "0.9", True, [0.9], 0.5j])
+def test_momentum_of_the_wrong_type_raises_a_type_error(bad):
+    with pytest.raises(TypeError, match=r"^neuron_mean_sgd: momentum must be a number in \[0, 1\)"):
+        neuron_mean_sgd(0.1, momentum=bad)
+    with pytest.raises(TypeError, match=r"^neuron_mean_trace: decay must be a number"):
+        neuron_mean_trace(bad)
+
+
+@pytest.mark.parametrize("bad", ["abc", None, True, [0.1], "0.1"])
+def test_learning_rate_of_the_wrong_type_raises_one_line(bad):
+    # Issue 14: neuron_mean_sgd('abc') raised "Only integer scalar arrays can be converted".
+    with pytest.raises(TypeError) as err:
+        neuron_mean_sgd(bad)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("neuron_mean_sgd: learning_rate must be a number or an optax schedule")
+    assert repr(bad) in message
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), np.array([0.1, 0.2])])
+def test_learning_rate_nan_inf_or_array_raises(bad):
+    with pytest.raises(ValueError, match="neuron_mean_sgd: learning_rate"):
+        neuron_mean_sgd(bad)
+
+
+def test_learning_rate_accepts_numbers_arrays_and_schedules():
+    params = {"kernel": jnp.ones((3, 2))}
+    grads = {"kernel": jnp.full((3, 2), 2.0)}
+    for lr in (0.5, np.float32(0.5), jnp.asarray(0.5), optax.constant_schedule(0.5), 1):
+        tx = neuron_mean_sgd(lr, momentum=0.0)
+        updates, _ = tx.update(grads, tx.init(params))
+        np.testing.assert_allclose(updates["kernel"], -float(lr if not callable(lr) else 0.5) * 2.0)
+
+
+def test_momentum_is_validated_once_under_its_own_name(monkeypatch):
+    # neuron_mean_sgd checks `momentum` itself; the trace it builds does not check again.
+    import optax_neuron._validate as validate
+    import optax_neuron.neuron_mean as nm
+
+    calls = []
+    real = validate.check_unit_interval
+    monkeypatch.setattr(nm, "check_unit_interval", lambda *a, **k: (calls.append(a[1]), real(*a, **k)))
+    neuron_mean_sgd(0.1, momentum=0.9)
+    assert calls == ["momentum"]
 
 
 def test_momentum_zero_is_plain_sgd():
@@ -531,8 +580,25 @@ def test_fan_in_axes_out_of_range_names_the_path():
 
 
 def test_unmatched_leaf_names_the_path():
+    strict = optax_neuron.fan_in.FLAX_STRICT
     with pytest.raises(ValueError, match="weird/thing"):
-        neuron_mean_trace(0.9).init({"weird": {"thing": jnp.ones((3, 2))}})
+        neuron_mean_trace(0.9, fan_in=strict).init({"weird": {"thing": jnp.ones((3, 2))}})
+
+
+def test_plain_pytrees_use_the_x_at_w_convention():
+    # {"W1": (in, out), "b1": (out,)} and a list of arrays: no named rule, x @ W guess.
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    for params in ({"W1": jnp.asarray(w), "b1": jnp.asarray(b)}, [jnp.asarray(w), jnp.asarray(b)]):
+        tx = neuron_mean_sgd(0.1, momentum=0.9)
+        state = tx.init(params)
+        updates, state = tx.update(params, state)
+        updates, state = tx.update(params, state)
+        flat = jax.tree.leaves(updates)
+        # NumPy reference of the original question, axis 0 of W (the inputs of each neuron):
+        # a1 = g; a2 = g + mu * mean_in(a1); update = -lr * a2.
+        np.testing.assert_allclose(flat[0], -0.1 * (w + 0.9 * w.mean(0)), rtol=1e-6)
+        np.testing.assert_allclose(flat[1], -0.1 * (b + 0.9 * b), rtol=1e-6)
 
 
 def test_state_from_other_fan_in_raises_naming_the_path():
@@ -564,7 +630,7 @@ def test_custom_rules_and_torch_preset():
 def test_state_type_and_public_names():
     state = neuron_mean_trace(0.9).init({"d": {"bias": jnp.zeros(3)}})
     assert isinstance(state, NeuronMeanTraceState)
-    assert {"neuron_mean_sgd", "neuron_mean_trace", "NeuronMeanTraceState"} <= set(optax_neuron.__all__)
+    assert {"neuron_mean_sgd", "neuron_mean_trace"} <= set(optax_neuron.__all__)
 
 
 # ---------------------------------------------------------------------------

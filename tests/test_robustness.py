@@ -184,14 +184,18 @@ def test_rso_integer_leaf_is_a_clear_error():
         on.rso().init(INT_PARAMS)
 
 
-def test_monitors_integer_leaf_is_a_clear_error():
+def test_monitors_measure_integer_leaves_in_float32():
+    # README: "grad_stats measures them in float32". Reference: NumPy in float64.
     g = {"dense": {"kernel": jnp.array([[1, 2], [3, 4], [5, 6]], jnp.int32)}}
-    f = {"dense": {"kernel": jnp.ones((3, 2))}}
-    for name, tx in (("running_gradient_mean", on.running_gradient_mean()), ("gradient_norms", on.gradient_norms())):
-        with pytest.raises(TypeError, match=rf"{name} needs floating-point .*'dense/kernel' has dtype int32"):
-            tx.init(g)
-        with pytest.raises(TypeError, match=rf"{name} needs floating-point updates.*'dense/kernel' has dtype int32"):
-            tx.update(g, tx.init(f), f)
+    expected = np.sqrt(np.sum(np.arange(1.0, 7.0) ** 2))
+    for tx in (on.gradient_norms(), on.running_gradient_mean()):
+        for params in (g, {"dense": {"kernel": jnp.ones((3, 2))}}):  # int or float params
+            out, state = tx.update(g, tx.init(params), params)
+            assert out is g
+            values = on.collect_metrics(state)
+            key = next(k for k in values if k.endswith("dense/kernel"))
+            assert values[key].dtype == jnp.float32
+            np.testing.assert_allclose(values[key], expected, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ float16, large fan-in
