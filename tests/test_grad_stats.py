@@ -16,9 +16,9 @@ import pytest
 from optax_neuron import fan_in
 from optax_neuron.grad_stats import (
     RunningGradientMeanState,
+    collect_metrics,
     gradient_norms,
     leaf_norms,
-    collect_metrics,
     neuron_norms,
     running_gradient_mean,
 )
@@ -81,7 +81,7 @@ def _tf_records(path):
 # ----------------------------------------------------------------------------- running mean
 
 
-def test_cumulative_mean_matches_numpy_mean_and_seed_formula():
+def test_cumulative_mean_matches_numpy_mean_and_unet_formula():
     params = _params()
     history = _grad_history(120, params)
     outs, state = _run(running_gradient_mean(), history, params)
@@ -92,13 +92,13 @@ def test_cumulative_mean_matches_numpy_mean_and_seed_formula():
         got = np.asarray(mean[path[0]][path[1]])
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, gs.mean(axis=0), rtol=1e-6)
-        # The seed's recursion avg = avg * (1 - 1/(step+1)) + g/(step+1), step = 0, 1, ...
+        # The U-Net trainer's recursion avg = avg * (1 - 1/(step+1)) + g/(step+1), step = 0, 1, ...
         avg = np.zeros(gs.shape[1:])
         for step, g in enumerate(gs):
             avg = avg * (1 - 1 / (step + 1)) + g / (step + 1)
         np.testing.assert_allclose(got, avg, rtol=1e-6)
     # emit="updates": what came out is what went in.
-    for out, g in zip(outs, history):
+    for out, g in zip(outs, history, strict=True):
         jax.tree.map(lambda o, i: np.testing.assert_array_equal(np.asarray(o), i), out, g)
 
 
@@ -128,7 +128,10 @@ def test_ema_matches_numpy(debias):
 
 def test_emit_updates_returns_the_same_object_and_mean_keeps_dtype():
     params = {"a": jnp.zeros((3,), jnp.bfloat16), "b": jnp.zeros((2,), jnp.float16)}
-    updates = {"a": jnp.array([1.5, -2.0, 3.25], jnp.bfloat16), "b": jnp.array([0.1, 0.2], jnp.float16)}
+    updates = {
+        "a": jnp.array([1.5, -2.0, 3.25], jnp.bfloat16),
+        "b": jnp.array([0.1, 0.2], jnp.float16),
+    }
     tx = running_gradient_mean()
     state = tx.init(params)
     assert state.gradient_mean["a"].dtype == jnp.float32  # low precision accumulates in float32
@@ -148,7 +151,9 @@ def test_emit_updates_returns_the_same_object_and_mean_keeps_dtype():
     _, s = tx_mean.update(jax.tree.map(jnp.zeros_like, updates), s)
     out, s = tx_mean.update(jax.tree.map(jnp.zeros_like, updates), s)
     assert out["a"].dtype == jnp.bfloat16 and out["b"].dtype == jnp.float16
-    np.testing.assert_allclose(np.asarray(out["a"], np.float32), [0.5, -2.0 / 3, 3.25 / 3], rtol=1e-2)
+    np.testing.assert_allclose(
+        np.asarray(out["a"], np.float32), [0.5, -2.0 / 3, 3.25 / 3], rtol=1e-2
+    )
 
 
 def test_none_leaves_pass_through():
@@ -158,7 +163,11 @@ def test_none_leaves_pass_through():
     out, state = tx.update(updates, tx.init(params), params)
     assert out["frozen"] is None
     assert optax.tree.get(state, "gradient_mean")["frozen"] is None
-    assert set(collect_metrics(state)) == {"gradient_mean_norm/w", "gradient_norm/w", "gradient_norm/global"}
+    assert set(collect_metrics(state)) == {
+        "gradient_mean_norm/w",
+        "gradient_norm/w",
+        "gradient_norm/global",
+    }
 
 
 def test_bad_arguments_are_rejected():
@@ -186,29 +195,42 @@ def test_norms_match_numpy():
     tx = gradient_norms()
     state = tx.init(params)
     assert float(state.gradient_global_norm) == 0.0
-    out, state = jax.jit(tx.update)(jax.tree.map(jnp.asarray, g), state, params)
+    _out, state = jax.jit(tx.update)(jax.tree.map(jnp.asarray, g), state, params)
     for layer in ("conv1", "dense"):
         for name in ("kernel", "bias"):
-            np.testing.assert_allclose(float(state.gradient_norm[layer][name]), _np_norm(g[layer][name]), rtol=1e-6)
+            np.testing.assert_allclose(
+                float(state.gradient_norm[layer][name]), _np_norm(g[layer][name]), rtol=1e-6
+            )
     total = np.sqrt(sum(_np_norm(x) ** 2 for x in jax.tree.leaves(g)))
     np.testing.assert_allclose(float(state.gradient_global_norm), total, rtol=1e-6)
-    np.testing.assert_allclose(float(state.gradient_global_norm), float(optax.tree.norm(g)), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(state.gradient_global_norm), float(optax.tree.norm(g)), rtol=1e-6
+    )
     # Per-neuron: conv kernel (3, 3, 2, 4) has fan-in axes (0, 1, 2); one norm per output channel.
     conv = state.gradient_neuron_norm["conv1"]["kernel"]
     assert conv.shape == fan_in.neuron_shape((3, 3, 2, 4), (0, 1, 2)) == (1, 1, 1, 4)
     for j in range(4):
-        np.testing.assert_allclose(float(conv[0, 0, 0, j]), _np_norm(g["conv1"]["kernel"][..., j]), rtol=1e-6)
+        np.testing.assert_allclose(
+            float(conv[0, 0, 0, j]), _np_norm(g["conv1"]["kernel"][..., j]), rtol=1e-6
+        )
     dense = state.gradient_neuron_norm["dense"]["kernel"]
     assert dense.shape == (1, 3)
     for j in range(3):
-        np.testing.assert_allclose(float(dense[0, j]), _np_norm(g["dense"]["kernel"][:, j]), rtol=1e-6)
+        np.testing.assert_allclose(
+            float(dense[0, j]), _np_norm(g["dense"]["kernel"][:, j]), rtol=1e-6
+        )
     bias = np.asarray(state.gradient_neuron_norm["dense"]["bias"])
     np.testing.assert_allclose(bias, np.abs(g["dense"]["bias"]), rtol=1e-6)
 
 
 def test_neuron_norms_follow_fan_in_rules():
     # Out-first layout (PyTorch/Equinox): weight (out=3, in=5) -> fan-in axis 1.
-    g = {"fc": {"weight": np.arange(15, dtype=np.float32).reshape(3, 5), "bias": np.ones(3, np.float32)}}
+    g = {
+        "fc": {
+            "weight": np.arange(15, dtype=np.float32).reshape(3, 5),
+            "bias": np.ones(3, np.float32),
+        }
+    }
     tx = gradient_norms(fan_in=fan_in.TORCH)
     _, state = tx.update(g, tx.init(g))
     got = np.asarray(state.gradient_neuron_norm["fc"]["weight"])
@@ -216,7 +238,9 @@ def test_neuron_norms_follow_fan_in_rules():
     np.testing.assert_allclose(got[:, 0], [_np_norm(row) for row in g["fc"]["weight"]], rtol=1e-6)
     # An explicit tree of axes works as well.
     n = neuron_norms(g, {"fc": {"weight": (0,), "bias": ()}})["fc"]["weight"]
-    np.testing.assert_allclose(np.asarray(n)[0], [_np_norm(col) for col in g["fc"]["weight"].T], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(n)[0], [_np_norm(col) for col in g["fc"]["weight"].T], rtol=1e-6
+    )
     np.testing.assert_allclose(float(leaf_norms(g)["fc"]["bias"]), np.sqrt(3), rtol=1e-6)
 
 
@@ -238,7 +262,9 @@ def test_norms_pass_updates_through_and_low_precision():
 def test_jit_does_not_recompile():
     params = _params()
     history = _grad_history(4, params)
-    tx = optax.MultiSteps(optax.chain(gradient_norms(), running_gradient_mean(decay=0.9), optax.adam(1e-3)), 2)
+    tx = optax.MultiSteps(
+        optax.chain(gradient_norms(), running_gradient_mean(decay=0.9), optax.adam(1e-3)), 2
+    )
     traces = []
 
     @jax.jit
@@ -260,20 +286,28 @@ def test_inside_multisteps_sees_the_averaged_gradients():
     micro = np.stack([h["w"] for h in history]).astype(np.float64)
     big_steps = micro.reshape(2, 3, 3).mean(axis=1)  # MultiSteps averages 3 micro-steps
     assert int(optax.tree.get(state, "gradient_mean_count")) == 2
-    np.testing.assert_allclose(np.asarray(optax.tree.get(state, "gradient_mean")["w"]), big_steps.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(optax.tree.get(state, "gradient_mean")["w"]), big_steps.mean(0), rtol=1e-6
+    )
     m = collect_metrics(state)
     np.testing.assert_allclose(float(m["gradient_norm/w"]), _np_norm(big_steps[-1]), rtol=1e-6)
-    np.testing.assert_allclose(float(m["gradient_mean_norm/w"]), _np_norm(big_steps.mean(0)), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(m["gradient_mean_norm/w"]), _np_norm(big_steps.mean(0)), rtol=1e-6
+    )
 
 
 def test_inject_hyperparams_decay():
     params = {"w": jnp.zeros((2, 2))}
     history = _grad_history(10, params, seed=5)
-    tx = optax.inject_hyperparams(running_gradient_mean, static_args=("emit",))(decay=0.8, emit="mean")
+    tx = optax.inject_hyperparams(running_gradient_mean, static_args=("emit",))(
+        decay=0.8, emit="mean"
+    )
     outs, state = _run(tx, history, params)
     ref = _np_ema([h["w"] for h in history], 0.8, True)
     np.testing.assert_allclose(np.asarray(outs[-1]["w"]), ref[-1], rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(optax.tree.get(state, "gradient_mean")["w"]), ref[-1], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(optax.tree.get(state, "gradient_mean")["w"]), ref[-1], rtol=1e-6
+    )
     assert set(collect_metrics(state)) == {"gradient_mean_norm/w"}
 
 
@@ -289,12 +323,17 @@ def test_metrics_nested_chains_masked_and_paths():
     m = collect_metrics(state)
     paths = ["conv1/bias", "conv1/kernel", "dense/bias", "dense/kernel"]
     expected = {f"gradient_norm/{p}" for p in paths} | {"gradient_norm/global"}
-    expected |= {"gradient_mean_norm/conv1/kernel", "gradient_mean_norm/dense/kernel"}  # masked: kernels only
+    expected |= {
+        "gradient_mean_norm/conv1/kernel",
+        "gradient_mean_norm/dense/kernel",
+    }  # masked: kernels only
     assert set(m) == expected
     for p in paths:
         a, b = p.split("/")
         np.testing.assert_allclose(float(m[f"gradient_norm/{p}"]), _np_norm(g[a][b]), rtol=1e-6)
-    np.testing.assert_allclose(float(m["gradient_mean_norm/dense/kernel"]), _np_norm(g["dense"]["kernel"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(m["gradient_mean_norm/dense/kernel"]), _np_norm(g["dense"]["kernel"]), rtol=1e-6
+    )
     with_arrays = collect_metrics(state, per_neuron=True)
     assert with_arrays["gradient_neuron_norm/conv1/kernel"].shape == (1, 1, 1, 4)
     assert set(with_arrays) - set(m) == {f"gradient_neuron_norm/{p}" for p in paths}
@@ -306,10 +345,17 @@ def test_metrics_nested_chains_masked_and_paths():
 
 def test_metrics_two_states_of_a_kind_get_location_prefixes():
     params = {"w": jnp.zeros(2)}
-    tx = optax.chain(gradient_norms(), optax.clip_by_global_norm(1.0), gradient_norms(), optax.sgd(0.1))
+    tx = optax.chain(
+        gradient_norms(), optax.clip_by_global_norm(1.0), gradient_norms(), optax.sgd(0.1)
+    )
     _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(params), params)
     m = collect_metrics(state)
-    assert set(m) == {"0/gradient_norm/w", "0/gradient_norm/global", "2/gradient_norm/w", "2/gradient_norm/global"}
+    assert set(m) == {
+        "0/gradient_norm/w",
+        "0/gradient_norm/global",
+        "2/gradient_norm/w",
+        "2/gradient_norm/global",
+    }
     np.testing.assert_allclose(float(m["0/gradient_norm/global"]), 5.0, rtol=1e-6)
     np.testing.assert_allclose(float(m["2/gradient_norm/global"]), 1.0, rtol=1e-6)
 
@@ -341,7 +387,9 @@ def test_nnx_optimizer():
             return self.dense(self.conv1(x).mean((1, 2)))
 
     model = Net(nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.chain(gradient_norms(), running_gradient_mean(), optax.sgd(0.0)), wrt=nnx.Param)
+    opt = nnx.Optimizer(
+        model, optax.chain(gradient_norms(), running_gradient_mean(), optax.sgd(0.0)), wrt=nnx.Param
+    )
     x = jnp.linspace(-1, 1, 2 * 5 * 5).reshape(2, 5, 5, 1)
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
 
@@ -354,10 +402,17 @@ def test_nnx_optimizer():
     m = collect_metrics(opt.opt_state, per_neuron=True)
     paths = ["conv1/bias", "conv1/kernel", "dense/bias", "dense/kernel"]
     assert set(m) == (
-        {f"{kind}/{p}" for kind in ("gradient_norm", "gradient_mean_norm", "gradient_neuron_norm") for p in paths}
+        {
+            f"{kind}/{p}"
+            for kind in ("gradient_norm", "gradient_mean_norm", "gradient_neuron_norm")
+            for p in paths
+        }
         | {"gradient_norm/global"}
     )
-    ref = {"conv1/kernel": grads["conv1"]["kernel"][...], "dense/kernel": grads["dense"]["kernel"][...]}
+    ref = {
+        "conv1/kernel": grads["conv1"]["kernel"][...],
+        "dense/kernel": grads["dense"]["kernel"][...],
+    }
     for p, g in ref.items():
         np.testing.assert_allclose(float(m[f"gradient_norm/{p}"]), _np_norm(g), rtol=1e-6)
         np.testing.assert_allclose(float(m[f"gradient_mean_norm/{p}"]), _np_norm(g), rtol=1e-6)
@@ -370,7 +425,10 @@ def test_nnx_optimizer():
 
 def test_write_metrics_events_read_back(tmp_path):
     event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
-    values = {"gradient_norm/global": jnp.float32(2.5), "gradient_neuron_norm/w": jnp.array([[1.0, 3.0]])}
+    values = {
+        "gradient_norm/global": jnp.float32(2.5),
+        "gradient_neuron_norm/w": jnp.array([[1.0, 3.0]]),
+    }
     with summary_writer(str(tmp_path)) as writer:
         write_metrics(writer, values, step=7, prefix="train/")
         write_metrics(writer, {"gradient_norm/global": 1.25}, step=8, prefix="train/")
@@ -383,7 +441,10 @@ def test_write_metrics_events_read_back(tmp_path):
                 histos[(v.tag, event.step)] = v.histo
             else:
                 scalars[(v.tag, event.step)] = v.simple_value
-    assert scalars == {("train/gradient_norm/global", 7): 2.5, ("train/gradient_norm/global", 8): 1.25}
+    assert scalars == {
+        ("train/gradient_norm/global", 7): 2.5,
+        ("train/gradient_norm/global", 8): 1.25,
+    }
     h = histos[("train/gradient_neuron_norm/w", 7)]
     assert (h.min, h.max, h.num, h.sum) == (1.0, 3.0, 2, 4.0)
 
@@ -404,14 +465,19 @@ def test_write_metrics_bad_input(tmp_path):
 
 
 def test_traced_debias_flag_and_saturating_count():
-    history = [np.array([1.0, -2.0], np.float32), np.array([3.0, 0.5], np.float32), np.array([-1.0, 4.0], np.float32)]
+    history = [
+        np.array([1.0, -2.0], np.float32),
+        np.array([3.0, 0.5], np.float32),
+        np.array([-1.0, 4.0], np.float32),
+    ]
     for flag in (False, True):
         tx = running_gradient_mean(decay=0.7, debias=jnp.array(flag), emit="mean")
         s = tx.init(jnp.zeros(2))
         for g in history:
             out, s = jax.jit(tx.update)(jnp.asarray(g), s)
         np.testing.assert_allclose(np.asarray(out), _np_ema(history, 0.7, flag)[-1], rtol=1e-6)
-    # The int32 count saturates at 2**31 - 1; the cumulative mean then moves by (g - m) / (2**31 - 1).
+    # The int32 count saturates at 2**31 - 1; the cumulative mean then moves by
+    # (g - m) / (2**31 - 1).
     tx = running_gradient_mean()
     top = np.iinfo(np.int32).max
     s = RunningGradientMeanState(jnp.asarray(top, jnp.int32), jnp.zeros(2))
@@ -422,12 +488,18 @@ def test_traced_debias_flag_and_saturating_count():
 
 def test_metrics_partition_and_key_clash_error():
     params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
-    tx = optax.partition({"x": running_gradient_mean(), "y": optax.chain(gradient_norms(), optax.sgd(0.1))},
-                         {"a": "x", "b": "y"})
-    _, state = tx.update({"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0, 2.0, 2.0])}, tx.init(params), params)
+    tx = optax.partition(
+        {"x": running_gradient_mean(), "y": optax.chain(gradient_norms(), optax.sgd(0.1))},
+        {"a": "x", "b": "y"},
+    )
+    _, state = tx.update(
+        {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0, 2.0, 2.0])}, tx.init(params), params
+    )
     m = collect_metrics(state)
     assert set(m) == {"gradient_mean_norm/a", "gradient_norm/b", "gradient_norm/global"}
-    np.testing.assert_allclose([float(m["gradient_mean_norm/a"]), float(m["gradient_norm/global"])], [5.0, 3.0])
+    np.testing.assert_allclose(
+        [float(m["gradient_mean_norm/a"]), float(m["gradient_norm/global"])], [5.0, 3.0]
+    )
     # A parameter literally called "global" would shadow the global norm: refused, not overwritten.
     tx = gradient_norms(per_neuron=False)
     p = {"global": jnp.zeros(2)}
@@ -464,15 +536,18 @@ def test_integer_leaves_are_measured_in_float32():
     out, state = tx.update(grads, state, params)
     assert out is grads  # passed through untouched, integer dtype kept
     np.testing.assert_allclose(state.gradient_norm["dense"]["kernel"], np.sqrt((ints**2).sum()))
-    np.testing.assert_allclose(state.gradient_neuron_norm["dense"]["kernel"],
-                               np.sqrt((ints.astype(np.float64) ** 2).sum(0, keepdims=True)), rtol=1e-6)
+    np.testing.assert_allclose(
+        state.gradient_neuron_norm["dense"]["kernel"],
+        np.sqrt((ints.astype(np.float64) ** 2).sum(0, keepdims=True)),
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(state.gradient_norm["step"], 7.0)
 
     mean_tx = running_gradient_mean()
     mstate = mean_tx.init(grads)
     assert mstate.gradient_mean["dense"]["kernel"].dtype == jnp.float32
-    for k in (1, 2):
-        out, mstate = mean_tx.update(jax.tree.map(lambda g: g * k, grads), mstate)
+    for scaled in (grads, jax.tree.map(lambda g: 2 * g, grads)):
+        out, mstate = mean_tx.update(scaled, mstate)
     np.testing.assert_allclose(mstate.gradient_mean["dense"]["kernel"], ints * 1.5)  # (1 + 2) / 2
     assert out["dense"]["kernel"].dtype == jnp.int32
 
@@ -487,8 +562,15 @@ def test_integer_leaf_errors_name_the_right_tree():
     # float0 (the gradient of an integer input) is not a number: the *parameters* are
     # blamed at init, the *updates* at update.
     zero = {"dense": {"kernel": np.zeros((3, 2), jax.dtypes.float0)}}
-    for name, tx in (("gradient_norms", gradient_norms()), ("running_gradient_mean", running_gradient_mean())):
-        with pytest.raises(TypeError, match=rf"^{name} needs numeric parameters; parameter 'dense/kernel'"):
+    for name, tx in (
+        ("gradient_norms", gradient_norms()),
+        ("running_gradient_mean", running_gradient_mean()),
+    ):
+        with pytest.raises(
+            TypeError, match=rf"^{name} needs numeric parameters; parameter 'dense/kernel'"
+        ):
             tx.init(zero)
-        with pytest.raises(TypeError, match=rf"^{name} needs numeric updates; update 'dense/kernel'"):
+        with pytest.raises(
+            TypeError, match=rf"^{name} needs numeric updates; update 'dense/kernel'"
+        ):
             tx.update(zero, tx.init(floats), floats)

@@ -1,6 +1,6 @@
 """Tests for optax_neuron.neuron_mean.
 
-The reference is a plain NumPy version of the seed's TensorFlow optimizer: it
+The reference is a plain NumPy version of the TensorFlow optimizer from the original question: it
 keeps the FULL per-connection accumulator ``a <- g + mu * mean_fanin(a)`` and
 returns ``a`` (Nesterov: ``g + mu * mean_fanin(a)``). The fan-in axes of every
 reference tree are written out by hand below, independently of fan_in.py.
@@ -42,8 +42,8 @@ def flatten(tree) -> dict:
     return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in leaves}
 
 
-class SeedMomentum:
-    """The seed's optimizer in NumPy: a full accumulator per connection."""
+class QuestionMomentum:
+    """The optimizer of the original question in NumPy: a full accumulator per connection."""
 
     def __init__(self, shapes_axes: dict, mu: float, nesterov: bool = False, dtype=np.float32):
         self.axes = {p: ax for p, (_, ax) in shapes_axes.items()}
@@ -58,7 +58,11 @@ class SeedMomentum:
         out = {}
         for p, g in grads.items():
             self.acc[p] = g + self.mu * self.mean_fanin(p, self.acc[p])
-            out[p] = g + self.mu * self.mean_fanin(p, self.acc[p]) if self.nesterov else self.acc[p].copy()
+            out[p] = (
+                g + self.mu * self.mean_fanin(p, self.acc[p])
+                if self.nesterov
+                else self.acc[p].copy()
+            )
         return out
 
 
@@ -101,15 +105,17 @@ def random_grads(rng, shapes_axes, dtype):
 
 def params_of(shapes_axes, dtype=np.float32, rng=None):
     rng = rng or np.random.default_rng(0)
-    return nest({p: jnp.asarray(rng.standard_normal(shape), dtype) for p, (shape, _) in shapes_axes.items()})
+    return nest(
+        {p: jnp.asarray(rng.standard_normal(shape), dtype) for p, (shape, _) in shapes_axes.items()}
+    )
 
 
 # ---------------------------------------------------------------------------
-# the seed's example, by hand
+# the original question's example, by hand
 # ---------------------------------------------------------------------------
 
 
-def test_seed_example_1_2_2_1_network_by_hand():
+def test_question_example_1_2_2_1_network_by_hand():
     # Neurons: 1 (input) -> 2, 3 (hidden 1) -> 4, 5 (hidden 2) -> 6 (output).
     # l2/kernel[i, j] is the connection from hidden-1 neuron (2, 3)[i] to
     # hidden-2 neuron (4, 5)[j]: (2,5) = [0, 1], (3,5) = [1, 1].
@@ -177,7 +183,7 @@ def _run_against_reference(tree_name, nesterov, dtype, rtol):
     shapes_axes = TREES[tree_name]
     mu = 0.9
     rng = np.random.default_rng(42)
-    ref = SeedMomentum(shapes_axes, mu, nesterov, dtype)
+    ref = QuestionMomentum(shapes_axes, mu, nesterov, dtype)
     tx = neuron_mean_trace(mu, nesterov=nesterov)
     params = params_of(shapes_axes, dtype)
     state = tx.init(params)
@@ -192,7 +198,9 @@ def _run_against_reference(tree_name, nesterov, dtype, rtol):
             # atol: the size of one rounding of the largest value, for entries
             # where g and mu*mean(a) cancel to near zero.
             atol = rtol * np.abs(expected[p]).max()
-            np.testing.assert_allclose(got[p], expected[p], rtol=rtol, atol=atol, err_msg=f"{p} step {step}")
+            np.testing.assert_allclose(
+                got[p], expected[p], rtol=rtol, atol=atol, err_msg=f"{p} step {step}"
+            )
     return state
 
 
@@ -232,7 +240,7 @@ def test_sgd_learning_rate_schedule_and_nesterov_against_reference():
     schedule = optax.linear_schedule(0.1, 0.01, transition_steps=10)
     rng = np.random.default_rng(3)
     for nesterov in (False, True):
-        ref = SeedMomentum(shapes_axes, mu, nesterov)
+        ref = QuestionMomentum(shapes_axes, mu, nesterov)
         tx = neuron_mean_sgd(schedule, momentum=mu, nesterov=nesterov)
         state = tx.init(params_of(shapes_axes))
         for step in range(12):
@@ -255,8 +263,10 @@ def test_chain_with_clipping_and_weight_decay():
     mu, lr, wd, clip = 0.9, 0.05, 1e-2, 1.0
     rng = np.random.default_rng(5)
     params = flatten(params_of(MLP))
-    ref = SeedMomentum(MLP, mu)
-    tx = optax.chain(optax.clip_by_global_norm(clip), optax.add_decayed_weights(wd), neuron_mean_sgd(lr, mu))
+    ref = QuestionMomentum(MLP, mu)
+    tx = optax.chain(
+        optax.clip_by_global_norm(clip), optax.add_decayed_weights(wd), neuron_mean_sgd(lr, mu)
+    )
     jparams = nest({p: jnp.asarray(v) for p, v in params.items()})
     state = tx.init(jparams)
     step = jax.jit(tx.update)
@@ -275,11 +285,13 @@ def test_chain_with_clipping_and_weight_decay():
 
 def test_inject_hyperparams_learning_rate_and_momentum():
     rng = np.random.default_rng(6)
-    factory = optax.inject_hyperparams(neuron_mean_sgd, static_args=("fan_in", "nesterov", "accumulator_dtype"))
+    factory = optax.inject_hyperparams(
+        neuron_mean_sgd, static_args=("fan_in", "nesterov", "accumulator_dtype")
+    )
     tx = factory(learning_rate=0.1, momentum=0.9, nesterov=True, fan_in=None)
     state = tx.init(params_of(MLP))
     step = jax.jit(tx.update)
-    ref = SeedMomentum(MLP, 0.9, nesterov=True)
+    ref = QuestionMomentum(MLP, 0.9, nesterov=True)
     for i in range(8):
         lr, mu = (0.1, 0.9) if i < 4 else (0.02, 0.5)
         if i == 4:  # change both hyperparameters in the state, no recompilation needed
@@ -290,7 +302,9 @@ def test_inject_hyperparams_learning_rate_and_momentum():
         expected = ref.step(grads)
         updates, state = step(nest(grads), state)
         for p, got in flatten(updates).items():
-            np.testing.assert_allclose(got, -lr * expected[p], rtol=1e-5, atol=1e-7, err_msg=f"{p} step {i}")
+            np.testing.assert_allclose(
+                got, -lr * expected[p], rtol=1e-5, atol=1e-7, err_msg=f"{p} step {i}"
+            )
     assert step._cache_size() == 1
     assert optax.tree.get(state, "neuron_momentum")["layers"]["1"]["kernel"].shape == (1, 3)
 
@@ -301,7 +315,7 @@ def test_multisteps_accumulates_then_applies():
     tx = optax.MultiSteps(neuron_mean_trace(mu), every_k_schedule=k)
     state = tx.init(params_of(MLP))
     step = jax.jit(tx.update)
-    ref = SeedMomentum(MLP, mu)
+    ref = QuestionMomentum(MLP, mu)
     window = []
     for i in range(3 * k):
         grads = random_grads(rng, MLP, np.float32)
@@ -314,7 +328,9 @@ def test_multisteps_accumulates_then_applies():
         else:
             expected = {p: np.zeros_like(g) for p, g in grads.items()}
         for p in got:
-            np.testing.assert_allclose(got[p], expected[p], rtol=1e-5, atol=1e-6, err_msg=f"{p} step {i}")
+            np.testing.assert_allclose(
+                got[p], expected[p], rtol=1e-5, atol=1e-6, err_msg=f"{p} step {i}"
+            )
 
 
 def test_masked_leaves_pass_through():
@@ -323,7 +339,7 @@ def test_masked_leaves_pass_through():
     mask = jax.tree.map(lambda x: x.ndim == 2, params)  # momentum on kernels only
     tx = optax.masked(neuron_mean_trace(0.9), mask)
     state = tx.init(params)
-    ref = SeedMomentum({p: v for p, v in MLP.items() if p.endswith("kernel")}, 0.9)
+    ref = QuestionMomentum({p: v for p, v in MLP.items() if p.endswith("kernel")}, 0.9)
     for _ in range(4):
         grads = random_grads(rng, MLP, np.float32)
         expected = ref.step({p: g for p, g in grads.items() if p.endswith("kernel")})
@@ -340,13 +356,15 @@ def test_partition_kernels_neuron_mean_biases_plain_sgd():
     labels = jax.tree.map(lambda x: "nm" if x.ndim == 2 else "plain", params)
     tx = optax.partition({"nm": neuron_mean_sgd(0.1, 0.9), "plain": optax.sgd(0.1)}, labels)
     state = tx.init(params)
-    ref = SeedMomentum({p: v for p, v in MLP.items() if p.endswith("kernel")}, 0.9)
+    ref = QuestionMomentum({p: v for p, v in MLP.items() if p.endswith("kernel")}, 0.9)
     for _ in range(4):
         grads = random_grads(rng, MLP, np.float32)
         acc = ref.step({p: g for p, g in grads.items() if p.endswith("kernel")})
         updates, state = tx.update(nest(grads), state, params)
         for p, got in flatten(updates).items():
-            np.testing.assert_allclose(got, -0.1 * acc.get(p, grads[p]), rtol=1e-5, atol=1e-7, err_msg=p)
+            np.testing.assert_allclose(
+                got, -0.1 * acc.get(p, grads[p]), rtol=1e-5, atol=1e-7, err_msg=p
+            )
 
 
 def test_none_leaves_pass_through():
@@ -365,7 +383,7 @@ def test_apply_if_finite_skips_nonfinite_steps():
     tx = optax.apply_if_finite(neuron_mean_trace(0.9), max_consecutive_errors=5)
     state = tx.init(params_of(MLP))
     step = jax.jit(tx.update)
-    ref = SeedMomentum(MLP, 0.9)
+    ref = QuestionMomentum(MLP, 0.9)
     for i in range(6):
         grads = random_grads(rng, MLP, np.float32)
         if i == 2:
@@ -376,12 +394,16 @@ def test_apply_if_finite_skips_nonfinite_steps():
         expected = ref.step(grads)
         updates, state = step(nest(grads), state)
         for p, got in flatten(updates).items():
-            np.testing.assert_allclose(got, expected[p], rtol=1e-5, atol=1e-6, err_msg=f"{p} step {i}")
+            np.testing.assert_allclose(
+                got, expected[p], rtol=1e-5, atol=1e-6, err_msg=f"{p} step {i}"
+            )
     assert int(state.total_notfinite) == 1
 
 
 def test_nnx_optimizer_matches_reference():
-    model = nnx.Sequential(nnx.Linear(4, 6, rngs=nnx.Rngs(0)), nnx.tanh, nnx.Linear(6, 3, rngs=nnx.Rngs(1)))
+    model = nnx.Sequential(
+        nnx.Linear(4, 6, rngs=nnx.Rngs(0)), nnx.tanh, nnx.Linear(6, 3, rngs=nnx.Rngs(1))
+    )
     lr, mu = 0.05, 0.9
     opt = nnx.Optimizer(model, neuron_mean_sgd(lr, mu), wrt=nnx.Param)
     shapes_axes = {
@@ -390,7 +412,7 @@ def test_nnx_optimizer_matches_reference():
         "layers/2/kernel": ((6, 3), (0,)),
         "layers/2/bias": ((3,), ()),
     }
-    ref = SeedMomentum(shapes_axes, mu)
+    ref = QuestionMomentum(shapes_axes, mu)
     ref_params = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((16, 4)), jnp.float32)
     y = jnp.asarray(np.random.default_rng(2).standard_normal((16, 3)), jnp.float32)
@@ -434,8 +456,12 @@ def test_lax_scan_keeps_state_types():
     params = params_of(TREES["attention"])
     grads = jax.tree.map(jnp.ones_like, params)
     state = tx.init(params)
-    _, (u, state) = jax.lax.scan(lambda s, _: (tx.update(grads, s)[1], tx.update(grads, s)), state, length=3)
-    assert jax.tree.map(lambda x: x.shape[1:], state) == jax.tree.map(lambda x: x.shape, tx.init(params))
+    _, (_u, state) = jax.lax.scan(
+        lambda s, _: (tx.update(grads, s)[1], tx.update(grads, s)), state, length=3
+    )
+    assert jax.tree.map(lambda x: x.shape[1:], state) == jax.tree.map(
+        lambda x: x.shape, tx.init(params)
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -448,14 +474,20 @@ def test_update_and_state_dtypes_are_preserved(dtype):
     with jax.enable_x64(True):
         params = {"d": {"kernel": jnp.ones((5, 3), dtype), "bias": jnp.ones(3, dtype)}}
         grads = jax.tree.map(lambda x: x * 0.5, params)
-        for tx in (neuron_mean_trace(0.9), neuron_mean_trace(0.9, nesterov=True), neuron_mean_sgd(0.1)):
+        for tx in (
+            neuron_mean_trace(0.9),
+            neuron_mean_trace(0.9, nesterov=True),
+            neuron_mean_sgd(0.1),
+        ):
             state = tx.init(params)
             for _ in range(2):
                 updates, state = jax.jit(tx.update)(grads, state)
             assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
             assert all(m.dtype == dtype for m in jax.tree.leaves(state))
         # Value: plain arithmetic, 0.5 + 0.9 * 0.5 = 0.95 at step 2.
-        np.testing.assert_allclose(np.asarray(updates["d"]["kernel"], np.float64) / -0.1, 0.95, rtol=1e-2)
+        np.testing.assert_allclose(
+            np.asarray(updates["d"]["kernel"], np.float64) / -0.1, 0.95, rtol=1e-2
+        )
 
 
 def test_accumulator_dtype_is_honoured():
@@ -476,7 +508,9 @@ def test_float16_large_fan_in_mean_does_not_overflow():
     state = tx.init(params)
     updates, state = tx.update(params, state)
     updates, state = tx.update(params, state)
-    np.testing.assert_array_equal(np.asarray(state.neuron_momentum["d"]["kernel"], np.float32), 1500.0)
+    np.testing.assert_array_equal(
+        np.asarray(state.neuron_momentum["d"]["kernel"], np.float32), 1500.0
+    )
     np.testing.assert_array_equal(np.asarray(updates["d"]["kernel"][:3], np.float32), 1500.0)
 
 
@@ -490,7 +524,11 @@ def test_empty_tree_and_zero_size_leaves():
     state = tx.init({})
     updates, state = tx.update({}, state)
     assert updates == {}
-    params = {"a": {"kernel": jnp.zeros((0, 3))}, "b": {"kernel": jnp.zeros((3, 0))}, "c": {"bias": jnp.zeros(0)}}
+    params = {
+        "a": {"kernel": jnp.zeros((0, 3))},
+        "b": {"kernel": jnp.zeros((3, 0))},
+        "c": {"bias": jnp.zeros(0)},
+    }
     state = tx.init(params)
     updates, state = jax.jit(tx.update)(params, state)
     assert jax.tree.map(lambda x: x.shape, updates) == jax.tree.map(lambda x: x.shape, params)
@@ -502,7 +540,7 @@ def test_empty_tree_and_zero_size_leaves():
     "bad", [1.0, 1.5, -0.1, float("nan"), np.float32(1.0), np.array([0.5, 0.5]), jnp.array(1.0)]
 )
 def test_bad_momentum_raises(bad):
-    with pytest.raises(ValueError, match="neuron_mean_sgd: momentum must be .*\\[0, 1\\)"):
+    with pytest.raises(ValueError, match=r"neuron_mean_sgd: momentum must be .*\[0, 1\)"):
         neuron_mean_sgd(0.1, momentum=bad)
     with pytest.raises(ValueError, match="neuron_mean_trace: decay must be"):
         neuron_mean_trace(bad)
@@ -523,7 +561,9 @@ def test_learning_rate_of_the_wrong_type_raises_one_line(bad):
         neuron_mean_sgd(bad)
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("neuron_mean_sgd: learning_rate must be a number or an optax schedule")
+    assert message.startswith(
+        "neuron_mean_sgd: learning_rate must be a number or an optax schedule"
+    )
     assert repr(bad) in message
 
 
@@ -549,7 +589,9 @@ def test_momentum_is_validated_once_under_its_own_name(monkeypatch):
 
     calls = []
     real = validate.check_unit_interval
-    monkeypatch.setattr(nm, "check_unit_interval", lambda *a, **k: (calls.append(a[1]), real(*a, **k)))
+    monkeypatch.setattr(
+        nm, "check_unit_interval", lambda *a, **k: (calls.append(a[1]), real(*a, **k))
+    )
     neuron_mean_sgd(0.1, momentum=0.9)
     assert calls == ["momentum"]
 
@@ -610,7 +652,9 @@ def test_state_from_other_fan_in_raises_naming_the_path():
 
 def test_integer_leaves_raise_naming_the_path():
     with pytest.raises(TypeError, match="step/count"):
-        neuron_mean_trace(0.9, fan_in=[("*", ())]).init({"step": {"count": jnp.zeros(3, jnp.int32)}})
+        neuron_mean_trace(0.9, fan_in=[("*", ())]).init(
+            {"step": {"count": jnp.zeros(3, jnp.int32)}}
+        )
     tx = neuron_mean_trace(0.9)
     state = tx.init({"d": {"bias": jnp.zeros(3)}})
     with pytest.raises(TypeError, match="d/bias"):

@@ -1,8 +1,9 @@
 """Property tests (hypothesis) for the library's invariants (issue 9).
 
 * neuron-mean momentum: for random shapes, random fan-in axes, random
-  momentum and Nesterov, the per-neuron state reproduces the seed's optimizer,
-  which keeps a FULL per-connection accumulator (plain NumPy loop below):
+  momentum and Nesterov, the per-neuron state reproduces the TensorFlow
+  optimizer from the original question, which keeps a FULL per-connection
+  accumulator (plain NumPy loop below):
   ``a_t = g_t + mu * mean_fanin(a_{t-1})``, update ``a_t``
   (Nesterov: ``g_t + mu * mean_fanin(a_t)``), and the state equals
   ``mean_fanin(a_t)``;
@@ -37,8 +38,8 @@ def shapes_and_axes(draw):
     return shape, axes
 
 
-def seed_reference(grads, axes, mu, nesterov):
-    """The seed's optimizer with a full accumulator, as a NumPy loop."""
+def question_reference(grads, axes, mu, nesterov):
+    """The optimizer of the original question with a full accumulator, as a NumPy loop."""
     acc = np.zeros_like(grads[0])
     updates = []
     for g in grads:
@@ -50,25 +51,33 @@ def seed_reference(grads, axes, mu, nesterov):
 
 
 @SETTINGS
-@given(shapes_and_axes(), st.floats(0.0, 0.99), st.booleans(), st.integers(1, 4), st.integers(0, 2**16))
+@given(
+    shapes_and_axes(), st.floats(0.0, 0.99), st.booleans(), st.integers(1, 4), st.integers(0, 2**16)
+)
 def test_neuron_mean_state_equals_full_accumulator(shape_axes, mu, nesterov, steps, seed):
     shape, axes = shape_axes
     rng = np.random.default_rng(seed)
     grads = [rng.normal(size=shape) for _ in range(steps)]
-    want_updates, want_state = seed_reference(grads, axes, mu, nesterov)
+    want_updates, want_state = question_reference(grads, axes, mu, nesterov)
     with jax.enable_x64(True):
         params = {"w": jnp.zeros(shape, jnp.float64)}
         tx = on.neuron_mean_trace(mu, nesterov=nesterov, fan_in={"w": axes})
         state = tx.init(params)
-        assert state.neuron_momentum["w"].shape == tuple(1 if i in axes else d for i, d in enumerate(shape))
-        for g, want in zip(grads, want_updates):
+        assert state.neuron_momentum["w"].shape == tuple(
+            1 if i in axes else d for i, d in enumerate(shape)
+        )
+        for g, want in zip(grads, want_updates, strict=True):
             u, state = tx.update({"w": jnp.asarray(g)}, state, params)
             np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(np.asarray(state.neuron_momentum["w"]), want_state, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(state.neuron_momentum["w"]), want_state, rtol=1e-12, atol=1e-12
+        )
 
 
 @SETTINGS
-@given(st.lists(st.integers(1, 5), min_size=0, max_size=3), st.integers(1, 12), st.integers(0, 2**16))
+@given(
+    st.lists(st.integers(1, 5), min_size=0, max_size=3), st.integers(1, 12), st.integers(0, 2**16)
+)
 def test_cumulative_mean_equals_batch_mean(shape, steps, seed):
     rng = np.random.default_rng(seed)
     grads = [rng.normal(size=shape) * rng.uniform(0.1, 100.0) for _ in range(steps)]
@@ -79,11 +88,13 @@ def test_cumulative_mean_equals_batch_mean(shape, steps, seed):
         for t, g in enumerate(grads):
             _, state = tx.update({"g": jnp.asarray(g)}, state, params)
             want = np.mean(np.stack(grads[: t + 1]), axis=0)
-            np.testing.assert_allclose(np.asarray(state.gradient_mean["g"]), want, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(
+                np.asarray(state.gradient_mean["g"]), want, rtol=1e-12, atol=1e-12
+            )
         assert int(state.gradient_mean_count) == steps
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rso_step(seed: int):
     tx = on.rso(seed=seed, weights_per_step=5)
 
@@ -105,8 +116,10 @@ def test_rso_never_increases_the_loss_on_a_fixed_batch(seed, data_seed, scale, s
     rng = np.random.default_rng(data_seed)
     x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
     y = jnp.asarray(rng.normal(size=(16, 2)), jnp.float32)
-    params = {"dense": {"kernel": jnp.asarray(scale * rng.normal(size=(4, 3)), jnp.float32)},
-              "out": {"kernel": jnp.asarray(scale * rng.normal(size=(3, 2)), jnp.float32)}}
+    params = {
+        "dense": {"kernel": jnp.asarray(scale * rng.normal(size=(4, 3)), jnp.float32)},
+        "out": {"kernel": jnp.asarray(scale * rng.normal(size=(3, 2)), jnp.float32)},
+    }
     tx, step, loss = _rso_step(seed)
     state = tx.init(params)
     before = float(loss(params, x, y))

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_conformance import GRADIENT_CASES, as_optimizer, assert_trees_equal, random_tree
 
 import optax_neuron as on
-from test_conformance import GRADIENT_CASES, as_optimizer, assert_trees_equal, random_tree
 
 GIDS = [c.name for c in GRADIENT_CASES]
 
@@ -81,7 +81,9 @@ def test_rso_never_accepts_nan_and_stalls_on_nan_loss():
     params = {"dense": {"kernel": jnp.array([[0.5, -0.5], [1.0, 2.0]])}}
     tx = on.rso(weights_per_step=4, sigma=0.5)
     # Candidates above 0.6 in the first entry evaluate to NaN; they must be rejected.
-    loss = lambda p: jnp.where(p["dense"]["kernel"][0, 0] > 0.6, jnp.nan, jnp.sum(p["dense"]["kernel"] ** 2))  # noqa: E731
+    loss = lambda p: jnp.where(
+        p["dense"]["kernel"][0, 0] > 0.6, jnp.nan, jnp.sum(p["dense"]["kernel"] ** 2)
+    )
     state = tx.init(params)
     for _ in range(5):
         u, state = tx.update(params, state, params, value_fn=loss)
@@ -126,7 +128,11 @@ def test_rso_empty_tree_is_a_clear_error():
         on.rso().init({})
 
 
-ZERO = {"dense": {"kernel": (0, 3), "bias": (0,)}, "out": {"kernel": (3, 0)}, "ok": {"kernel": (2, 2)}}
+ZERO = {
+    "dense": {"kernel": (0, 3), "bias": (0,)},
+    "out": {"kernel": (3, 0)},
+    "ok": {"kernel": (2, 2)},
+}
 
 
 @pytest.mark.parametrize("case", GRADIENT_CASES, ids=GIDS)
@@ -155,8 +161,11 @@ def test_neuron_mean_zero_fan_in_neurons_get_zero_mean():
 
 
 def test_rso_skips_zero_size_leaves():
-    params = {"a": {"kernel": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, "e": {"kernel": jnp.zeros((3, 0))}}
-    loss = lambda p: jnp.sum((p["a"]["kernel"] - 1.0) ** 2)  # noqa: E731
+    params = {
+        "a": {"kernel": jnp.array([[1.0, 2.0], [3.0, 4.0]])},
+        "e": {"kernel": jnp.zeros((3, 0))},
+    }
+    loss = lambda p: jnp.sum((p["a"]["kernel"] - 1.0) ** 2)
     for sigma in (None, 0.3):
         tx = on.rso(weights_per_step=8, sigma=sigma)
         state = tx.init(params)
@@ -206,13 +215,19 @@ def test_float16_large_fan_in_does_not_overflow():
     state = tx.init(params)
     u1, state = tx.update(params, state, params)
     assert state.neuron_momentum["dense"]["kernel"].dtype == jnp.float16
-    np.testing.assert_array_equal(np.asarray(state.neuron_momentum["dense"]["kernel"], np.float32), [[1.0, 1.0]])
+    np.testing.assert_array_equal(
+        np.asarray(state.neuron_momentum["dense"]["kernel"], np.float32), [[1.0, 1.0]]
+    )
     assert u1["dense"]["kernel"].dtype == jnp.float16
     u2, state = tx.update(params, state, params)
-    np.testing.assert_allclose(np.asarray(u2["dense"]["kernel"], np.float32), 1.9, rtol=1e-3)  # 1 + 0.9 * 1
+    np.testing.assert_allclose(
+        np.asarray(u2["dense"]["kernel"], np.float32), 1.9, rtol=1e-3
+    )  # 1 + 0.9 * 1
     norms = on.gradient_norms()
     _, s = norms.update(params, norms.init(params), params)
-    np.testing.assert_allclose(np.asarray(s.gradient_neuron_norm["dense"]["kernel"]), np.sqrt(70000.0), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(s.gradient_neuron_norm["dense"]["kernel"]), np.sqrt(70000.0), rtol=1e-6
+    )
     np.testing.assert_allclose(float(s.gradient_global_norm), np.sqrt(140000.0), rtol=1e-6)
     mean = on.running_gradient_mean()
     _, s = mean.update(params, mean.init(params), params)
