@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import GetAttrKey, keystr
 
+__all__ = ["at_least_float32", "is_none", "leaves_with_paths", "path_str"]
+
 
 def is_none(x: Any) -> bool:
     """``is_leaf`` for tree walks that must see ``None`` leaves (masked parameters)."""

@@ -25,6 +25,15 @@ import numpy as np
 
 from optax_neuron._tree import leaves_with_paths
 
+__all__ = [
+    "check_learning_rate",
+    "check_rule_list",
+    "check_unit_interval",
+    "is_rule_list",
+    "require_floating",
+    "require_numeric",
+]
+
 
 def _require_dtype(
     tree: Any, who: str, what: str, ok: Callable[[Any], bool], adjective: str, hint: str
@@ -143,13 +152,3 @@ def check_rule_list(obj: Any, name: str, who: str) -> tuple[tuple[str, Any], ...
             f"{who}: {name}= must be a non-empty list of (glob, value) rules, got {obj!r}"
         )
     return tuple(obj)
-
-
-__all__ = [
-    "check_learning_rate",
-    "check_rule_list",
-    "check_unit_interval",
-    "is_rule_list",
-    "require_floating",
-    "require_numeric",
-]
