@@ -286,8 +286,20 @@ def _axes_by_rules(path: str, leaf: Any, rules: Sequence[Rule]) -> tuple[int, ..
     return _normalise(_axes_of(spec, shape), shape, path)
 
 
+def _check_reachable(rules: Sequence[Rule]) -> None:
+    """Refuse rules after a catch-all ``"*"``: they could never match (e.g. ``[*FLAX, rule]``)."""
+    patterns = [pattern for pattern, _ in rules]
+    if "*" in patterns[:-1]:
+        shadowed = patterns[patterns.index("*") + 1 :]
+        raise ValueError(
+            f"fan-in rules {shadowed} come after the catch-all rule '*' and can never match "
+            "(the first match wins); put them first, e.g. fan_in=[(glob, axes), *FLAX]"
+        )
+
+
 def _by_rules(tree: Any, rules: Sequence[Rule]) -> Any:
     rules = tuple(rules)
+    _check_reachable(rules)
 
     def one(key_path: Any, leaf: Any) -> tuple[int, ...] | None:
         return None if leaf is None else _axes_by_rules(path_str(key_path), leaf, rules)

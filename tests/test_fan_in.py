@@ -595,6 +595,16 @@ def test_default_refuses_out_first_weight_names():
     assert fan_in_axes(params, rules)["layers"][0]["weight"] == (0,)
 
 
+def test_rules_after_the_catch_all_are_refused():
+    # [*FLAX, rule] would silently never use `rule`: FLAX ends in ("*", ...).
+    params = {"proj": {"kernel": np.zeros((8, 2, 4))}}
+    with pytest.raises(ValueError, match=r"\['\*proj/kernel'\] come after the catch-all"):
+        fan_in_axes(params, [*FLAX, ("*proj/kernel", (0,))])
+    assert fan_in_axes(params, [("*proj/kernel", (0,)), *FLAX]) == {"proj": {"kernel": (0,)}}
+    # Appending to the strict preset is fine: it has no catch-all.
+    assert fan_in_axes({"x": np.zeros((3, 4))}, [*FLAX_STRICT, ("x", (1,))]) == {"x": (1,)}
+
+
 def test_default_preset_is_strict_preset_plus_fallback():
     assert FLAX[: len(FLAX_STRICT)] == FLAX_STRICT
     assert FLAX[-1] == ("*", ALL_BUT_LAST)
