@@ -41,8 +41,8 @@ fan-in axes. That guess is wrong for
 * weights stored out-first, ``(out, in, ...)`` (PyTorch, Equinox, ``x @ W.T``):
   it would average over the *outgoing* connections. The default preset refuses
   a rank >= 2 leaf whose path ends in ``weight`` (the PyTorch/Equinox name) and
-  asks for :data:`TORCH` or a rule; under any other name the guess cannot be
-  caught, so pass ``fan_in=TORCH`` or rules for such trees;
+  asks for :data:`TORCH` or a rule; under any other name the layout cannot be
+  told, so give such trees rules, e.g. ``fan_in=[("*", ALL_BUT_FIRST)]``;
 * several output axes, ``(in, out1, out2)`` (``LinearGeneral``, attention
   kernels under names the preset does not know): the fan-in is axis 0 only;
 * kernels whose input axis is not next-to-last, e.g. ``(in, h, w, out)``.
