@@ -9,6 +9,14 @@ from optax_neuron.fan_in import fan_in_axes, resolve_fan_in
 # Neuron-mean momentum.
 from optax_neuron.neuron_mean import NeuronMeanTraceState, neuron_mean_sgd, neuron_mean_trace
 
+# Neuron-wise Adam.
+from optax_neuron.neuron_adam import (
+    ScaleByNeuronAdamState,
+    neuron_adam,
+    neuron_adamw,
+    scale_by_neuron_adam,
+)
+
 # Running gradient statistics and their read-out.
 from optax_neuron import grad_stats
 from optax_neuron.grad_stats import (
@@ -35,6 +43,10 @@ __all__ = [
     "NeuronMeanTraceState",
     "neuron_mean_sgd",
     "neuron_mean_trace",
+    "ScaleByNeuronAdamState",
+    "neuron_adam",
+    "neuron_adamw",
+    "scale_by_neuron_adam",
     "GradientNormsState",
     "RunningGradientMeanState",
     "grad_stats",
