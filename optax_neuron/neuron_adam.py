@@ -236,7 +236,8 @@ def scale_by_neuron_adam(
                 raise ValueError(
                     f"the state of parameter {path_str(path)!r} has moments of shapes {m.shape} "
                     f"and {v.shape}, expected {want_m} and {shape} for updates of shape "
-                    f"{g.shape} with fan-in axes {ax}: was the state made with another fan_in or first_moment?"
+                    f"{g.shape} with fan-in axes {ax}: "
+                    "was the state made with another fan_in or first_moment?"
                 )
             dtype = _mean_dtype(g.dtype, m.dtype, v.dtype)
             g32 = g.astype(dtype)
