@@ -163,7 +163,8 @@ class PatchEmbedding(nnx.Module):
             raise ValueError(f"patch must divide 28, got {patch}")
         self.patch = patch
         self.proj = nnx.Linear(patch * patch, dim, rngs=rngs)
-        self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), ((28 // patch) ** 2, dim)))
+        positions = (28 // patch) ** 2
+        self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (positions, dim)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n, p = x.shape[0], self.patch
