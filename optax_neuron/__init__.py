@@ -19,6 +19,12 @@ Neuron-mean momentum (module :mod:`optax_neuron.neuron_mean`)
   connections of its neuron, ``a <- g + mu * mean_fanin(a)``, kept as one value
   per neuron (``fan_in`` times less state than ``optax.sgd``'s momentum).
 
+Neuron-wise Adam (module :mod:`optax_neuron.neuron_adam`)
+  ``scale_by_neuron_adam``, ``neuron_adam(learning_rate)``, ``neuron_adamw``:
+  Adam with one second moment per neuron, ``v <- b2 v + (1 - b2) mean_fanin(g^2)``
+  (Adam-mini's rule), and a full (``first_moment="full"``) or per-neuron
+  (``"neuron"``) first moment.
+
 Gradient statistics (module :mod:`optax_neuron.grad_stats`)
   ``running_gradient_mean(decay=None)`` (cumulative or EMA mean of the updates),
   ``gradient_norms()`` (per-leaf, global and per-neuron L2 norms),
@@ -30,9 +36,9 @@ RSO, random search without gradients (Tripathi and Singh, 2020)
   ``rso(...)``, ``rso_init(key, params)`` and the layer stacks of the fast path
   (``LayerStack``, ``dense_layer``, ``conv_layer``).
 
-The state classes (``NeuronMeanTraceState``, ``RunningGradientMeanState``,
-``GradientNormsState``) live in their modules; find their fields in any state
-with ``optax.tree.get(state, "neuron_momentum")``.
+The state classes (``NeuronMeanTraceState``, ``ScaleByNeuronAdamState``,
+``RunningGradientMeanState``, ``GradientNormsState``) live in their modules;
+find their fields in any state with ``optax.tree.get(state, "neuron_momentum")``.
 
 Example:
   >>> import jax.numpy as jnp, optax
@@ -59,7 +65,7 @@ from optax_neuron.fan_in import fan_in_axes
 from optax_neuron.neuron_mean import neuron_mean_sgd, neuron_mean_trace
 
 # Neuron-wise Adam.
-# (export lines of optax_neuron.neuron_adam go here)
+from optax_neuron.neuron_adam import neuron_adam, neuron_adamw, scale_by_neuron_adam
 
 # Running gradient statistics and their read-out.
 from optax_neuron import grad_stats
@@ -93,6 +99,10 @@ __all__ = [
     # neuron-mean momentum
     "neuron_mean_sgd",
     "neuron_mean_trace",
+    # neuron-wise Adam
+    "neuron_adam",
+    "neuron_adamw",
+    "scale_by_neuron_adam",
     # gradient statistics
     "collect_metrics",
     "grad_stats",

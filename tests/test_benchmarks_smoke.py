@@ -89,3 +89,25 @@ def test_run_all_lists_every_script():
     assert {"bench_update_step.py", "bench_monitoring.py", "bench_mnist_training.py"} <= set(out)
     bad = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--only", "nothing_like_this"], capture_output=True, text=True)
     assert bad.returncode != 0 and "matches no benchmark" in bad.stderr
+
+
+def test_neuron_adam_quick(capsys):
+    import bench_neuron_adam
+
+    results = bench_neuron_adam.main(["--quick"])
+    assert "test acc ep 1" in capsys.readouterr().out
+    (runs,) = results.values()
+    assert set(runs) == {"adam", "neuron-adam", "neuron-adam-neuron"}
+    # State bytes predicted by hand from the vit's shapes (hidden 32, 2 blocks, 4 heads):
+    # neurons = position table 16*32 (per element) + patch projection 32 + bias 32
+    #   + per block: q, k, v kernels 3*32 and biases 3*32, out 32 + 32, MLP 64 + 64 + 32 + 32,
+    #     two LayerNorms 4*32 (= 576) + final LayerNorm 2*32 + head 10 + 10.
+    neurons = 16 * 32 + 64 + 2 * 576 + 64 + 20
+    params = runs["adam"]["param_bytes"]
+    counters = 2 * 4  # Adam's step counter and the cosine schedule's
+    assert runs["adam"]["state_bytes"] == 2 * params + counters
+    assert runs["neuron-adam"]["state_bytes"] == params + 4 * neurons + counters
+    assert runs["neuron-adam-neuron"]["state_bytes"] == 2 * 4 * neurons + counters
+    for r in runs.values():
+        assert all(0.0 <= a <= 1.0 for a in r["accuracy"]) and r["speed"] > 0
+        assert len(r["losses"]) == 4 and all(math.isfinite(x) for x in r["losses"])

@@ -23,7 +23,8 @@ NAMES = sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
 def test_all_three_notebooks_are_there():
-    assert NAMES == ["01_neuron_mean_momentum.ipynb", "02_gradient_statistics.ipynb", "03_rso.ipynb"]
+    assert NAMES == ["01_neuron_mean_momentum.ipynb", "02_gradient_statistics.ipynb", "03_rso.ipynb",
+                     "04_neuron_adam.ipynb"]
 
 
 @pytest.mark.slow

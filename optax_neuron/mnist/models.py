@@ -1,4 +1,4 @@
-"""Flax NNX models for 28x28x1 images: ``mlp``, ``cnn`` and ``rso-paper``.
+"""Flax NNX models for 28x28x1 images: ``mlp``, ``cnn``, ``rso-paper`` and ``vit``.
 
 Every model maps images ``(n, 28, 28, 1)`` to logits ``(n, 10)`` and is a
 flat :class:`flax.nnx.Sequential` stack, so a layer-by-layer method such as
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["MODELS", "cnn", "make_model", "mlp", "patch_conv", "rso_paper"]
+__all__ = ["MODELS", "cnn", "make_model", "mlp", "patch_conv", "rso_paper", "vit"]
 
 
 def _flatten(x: jax.Array) -> jax.Array:
@@ -151,7 +151,69 @@ def rso_paper(rngs: nnx.Rngs, channels: int = 16) -> nnx.Sequential:
     return nnx.Sequential(*layers)
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "rso-paper": rso_paper}
+class PatchEmbedding(nnx.Module):
+    """Cut ``(n, 28, 28, 1)`` images into ``patch x patch`` tiles, project, add positions.
+
+    The learned position table is stored as ``embedding`` (one row per patch),
+    so the fan-in presets treat it like any embedding table: no fan-in axes.
+    """
+
+    def __init__(self, patch: int, dim: int, rngs: nnx.Rngs):
+        if 28 % patch:
+            raise ValueError(f"patch must divide 28, got {patch}")
+        self.patch = patch
+        self.proj = nnx.Linear(patch * patch, dim, rngs=rngs)
+        positions = (28 // patch) ** 2
+        self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (positions, dim)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, p = x.shape[0], self.patch
+        tiles = x.reshape(n, 28 // p, p, 28 // p, p).transpose(0, 1, 3, 2, 4)
+        return self.proj(tiles.reshape(n, -1, p * p)) + self.embedding[...]
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-norm transformer block: ``x + MHA(LN(x))``, then ``x + MLP(LN(x))``."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=heads, in_features=dim, qkv_features=dim, decode=False, rngs=rngs
+        )
+        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.mlp_in = nnx.Linear(dim, mlp_dim, rngs=rngs)
+        self.mlp_out = nnx.Linear(mlp_dim, dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp_out(nnx.gelu(self.mlp_in(self.norm2(x))))
+
+
+def vit(
+    rngs: nnx.Rngs, hidden: int = 32, depth: int = 2, heads: int = 4, patch: int = 7
+) -> nnx.Sequential:
+    """A small vision transformer: 16 patches of 7x7, ``depth`` blocks, mean-pooled head.
+
+    Patch embedding (``49 -> hidden`` plus a learned position table), ``depth``
+    pre-norm blocks of ``nnx.MultiHeadAttention`` (``heads`` heads; query, key
+    and value kernels ``(hidden, heads, hidden / heads)``, output kernel
+    ``(heads, hidden / heads, hidden)``) and a ``2 * hidden`` GELU MLP, a final
+    LayerNorm, the mean over the patches and a dense layer to the logits. The
+    defaults have about 20k parameters and train on a CPU in seconds per
+    thousand images; ``hidden`` must be a multiple of ``heads``.
+    """
+    if hidden % heads:
+        raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
+    return nnx.Sequential(
+        PatchEmbedding(patch, hidden, rngs),
+        *[EncoderBlock(hidden, heads, 2 * hidden, rngs) for _ in range(depth)],
+        nnx.LayerNorm(hidden, rngs=rngs),
+        functools.partial(jnp.mean, axis=1),
+        nnx.Linear(hidden, 10, rngs=rngs),
+    )
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "rso-paper": rso_paper, "vit": vit}
 """CLI name -> constructor ``f(rngs) -> nnx.Module``."""
 
 

@@ -53,6 +53,11 @@ OPTIMIZERS = (
     "adagrad",
     "adadelta",
     "rso",
+    "neuron-adam",
+    "neuron-adam-neuron",
+    "adamw",
+    "adafactor",
+    "lion",
 )
 """The ``--optimizer`` choices."""
 
@@ -66,6 +71,11 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "adagrad": {"learning_rate": 0.05},
     "adadelta": {"learning_rate": 1.0},
     "rso": {},
+    "neuron-adam": {"learning_rate": 1e-3},
+    "neuron-adam-neuron": {"learning_rate": 1e-3},
+    "adamw": {"learning_rate": 1e-3},
+    "adafactor": {"learning_rate": 1e-2},
+    "lion": {"learning_rate": 1e-4},
 }
 """Per-optimizer defaults for ``--learning-rate`` / ``--momentum``."""
 
@@ -120,6 +130,14 @@ def make_optimizer(
         tx = optax.rmsprop(lr, momentum=momentum)
     elif name == "adagrad":
         tx = optax.adagrad(lr)
+    elif name in ("neuron-adam", "neuron-adam-neuron"):  # first moment per connection / per neuron
+        tx = on.neuron_adam(lr, first_moment="neuron" if name == "neuron-adam-neuron" else "full")
+    elif name == "adamw":
+        tx = optax.adamw(lr)
+    elif name == "adafactor":
+        tx = optax.adafactor(lr)
+    elif name == "lion":
+        tx = optax.lion(lr)
     else:
         tx = optax.adadelta(lr)
     if grad_stats:

@@ -94,3 +94,29 @@ def test_rso_layers_compute_the_model(name):
         calibrate_batch_norm(model, x)
         model.eval()  # running averages now equal the statistics of x
         np.testing.assert_allclose(ce(forward(model, x), y), stack_loss, rtol=1e-4)
+
+
+def test_vit_shapes_patches_and_attention_fan_in():
+    import optax_neuron as on
+    from optax_neuron.mnist.models import PatchEmbedding
+
+    shape, n, _ = _abstract("vit")
+    d, mlp = 32, 64
+    block = 4 * (d * d + d) + 2 * (d * mlp) + mlp + d + 4 * d  # q, k, v, out; MLP; 2 LayerNorms
+    assert shape == (3, 10) and n == (49 * d + d + 16 * d) + 2 * block + 2 * d + (d * 10 + 10)
+    # Patches: row-major 7x7 tiles, tile (r, c) = image[7r:7r+7, 7c:7c+7], flattened row by row.
+    embed = PatchEmbedding(7, 5, nnx.Rngs(0))
+    x = np.random.default_rng(0).standard_normal((2, 28, 28, 1)).astype(np.float32)
+    tiles = np.stack([x[:, 7 * r : 7 * r + 7, 7 * c : 7 * c + 7, 0].reshape(2, 49)
+                      for r in range(4) for c in range(4)], axis=1)
+    want = tiles @ np.asarray(embed.proj.kernel[...]) + np.asarray(embed.proj.bias[...])
+    want = want + np.asarray(embed.embedding[...])
+    np.testing.assert_allclose(embed(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
+    # The attention kernels get the attention rules: q/k/v (in, heads, head_dim) -> (0,).
+    model = make_model("vit", nnx.Rngs(0))
+    axes = on.fan_in_axes(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    attention = axes["layers"][1]["attention"]
+    assert attention["query"]["kernel"] == attention["key"]["kernel"] == (0,)
+    assert attention["out"]["kernel"] == (0, 1) and axes["layers"][0]["embedding"] == ()
+    with pytest.raises(ValueError, match="multiple of heads"):
+        make_model("vit", nnx.Rngs(0), hidden=30)

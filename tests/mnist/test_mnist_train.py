@@ -37,6 +37,15 @@ _FIRST_STEP = {
     "momentum": lambda g, lr: -lr * g,
     "nesterov": lambda g, lr: -lr * (1 + 0.9) * g,  # g + mu * (mu*0 + g)
     "adam": lambda g, lr: -lr * g / (np.abs(g) + 1e-8),  # bias-corrected m/sqrt(v) = sign(g)
+    # One second moment per neuron: the kernel (ones, 2x2) divides by the RMS of its column
+    # (the fan-in); the bias (zeros) has no fan-in axes: Adam. Both first moments agree at step 1.
+    "neuron-adam": lambda g, lr: -lr * g / (np.sqrt(np.mean(g**2, axis=0)) if g.ndim == 2 else np.abs(g)),
+    "neuron-adam-neuron": lambda g, lr: -lr * g / (np.sqrt(np.mean(g**2, axis=0)) if g.ndim == 2 else np.abs(g)),
+    "adamw": lambda g, lr: -lr * (np.sign(g) + 1e-4 * (g.ndim == 2)),  # decay 1e-4 * w, w = 1 (kernel)
+    # Adafactor: v_1 = g^2 (decay 1 - 1^-0.8 = 0), unfactored (dims < 128): sign(g), RMS 1 (no
+    # clipping), times the parameter scale max(RMS(w), 1e-3): 1 for the kernel, 1e-3 for the bias.
+    "adafactor": lambda g, lr: -lr * np.sign(g) * (1.0 if g.ndim == 2 else 1e-3),
+    "lion": lambda g, lr: -lr * (np.sign(g) + 1e-3 * (g.ndim == 2)),  # sign(0.1 g), decay 1e-3 * w
     "rmsprop": lambda g, lr: -lr * g / np.sqrt(0.1 * g**2 + 1e-8),  # nu = (1 - 0.9) g^2, eps inside
     "adagrad": lambda g, lr: -lr * g / np.sqrt(0.1 + g**2 + 1e-7),
     # adadelta: accu = 0.1 g^2, delta = g * sqrt(0 + eps) / sqrt(accu + eps)
