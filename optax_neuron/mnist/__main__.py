@@ -180,28 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+OPTIMIZER_FLAGS = ("learning_rate", "momentum", "schedule", "batch_size", "rso_batch_size")
+"""Flags that only some optimizers take (``OptimizerChoice.flags``), with ``grad_stats``."""
+
+
 def _check_flags_apply(args: argparse.Namespace, names: list[str]) -> None:
-    """A flag that does not apply to (one of) the chosen optimizer(s) is an error naming it."""
+    """A flag that does not apply to the chosen optimizer is an error naming it.
+
+    With ``--compare`` a flag applies to the listed optimizers that take it (``--momentum``
+    with ``--compare sgd,adam``: sgd's momentum) and is an error if none of them does.
+    """
     from optax_neuron.mnist.train import OPTIMIZERS
 
-    given = [
-        k
-        for k in (
-            "learning_rate",
-            "momentum",
-            "schedule",
-            "batch_size",
-            "rso_batch_size",
-            "grad_stats",
-        )
-        if getattr(args, k) not in (None, False)
-    ]
-    for key in given:
-        refused = [n for n in names if key not in OPTIMIZERS[n].flags]
-        if refused:
+    for key in (*OPTIMIZER_FLAGS, "grad_stats"):
+        if getattr(args, key) in (None, False):
+            continue
+        if not any(key in OPTIMIZERS[n].flags for n in names):
             takers = ", ".join(n for n, c in OPTIMIZERS.items() if key in c.flags)
             raise UsageError(
-                f"--{key.replace('_', '-')} does not apply to {', '.join(refused)} "
+                f"--{key.replace('_', '-')} does not apply to {', '.join(names)} "
                 f"(it applies to: {takers})"
             )
 
@@ -251,9 +248,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _config(args, optimizer: str, checkpoint: str | None):
-    from optax_neuron.mnist.train import TrainConfig
+    """The run of ``optimizer``; flags it does not take keep ``TrainConfig``'s defaults."""
+    from optax_neuron.mnist.train import OPTIMIZERS, TrainConfig
 
-    return TrainConfig(
+    config = TrainConfig(
         optimizer=optimizer,
         model=args.model,
         epochs=args.epochs,
@@ -269,6 +267,11 @@ def _config(args, optimizer: str, checkpoint: str | None):
         hidden=args.hidden,
         rso_batch_size=args.rso_batch_size,
     )
+    default = TrainConfig()
+    for key in (*OPTIMIZER_FLAGS, "grad_stats"):
+        if key not in OPTIMIZERS[optimizer].flags:
+            setattr(config, key, getattr(default, key))
+    return config
 
 
 def _plan(args, data) -> dict:
@@ -351,7 +354,7 @@ def main(argv=None) -> int:
 
     import optax_neuron as on
     from optax_neuron.mnist import plots
-    from optax_neuron.mnist.train import run
+    from optax_neuron.mnist.train import build_model, run
 
     several = args.compare is not None
     results = {}
@@ -393,7 +396,8 @@ def main(argv=None) -> int:
         for n, r in results.items():
             if any("grad_stats" in e for e in r["epochs"]):
                 path = out / (f"grad_norms_{n}.png" if several else "grad_norms.png")
-                plots.plot_grad_norms(r["epochs"], path, f"{title} / {n}")
+                labels = plots.layer_names(build_model(configs[n]))
+                plots.plot_grad_norms(r["epochs"], path, f"{title} / {n}", labels)
                 print(f"gradient norms: {path}")
     if args.tensorboard:
         print(f"tensorboard: {args.tensorboard}")
