@@ -106,7 +106,7 @@ mu = 0.9
 g1 = np.array([[0.2, -0.4], [0.6, 0.8]], np.float32)   # rows: neurons 2, 3; columns: 4, 5
 g2 = np.array([[0.1, 0.3], [-0.5, 0.7]], np.float32)
 
-acc1 = g1                                                # the seed's accumulator after step 1
+acc1 = g1                                                # the question's accumulator after step 1
 by_hand = g2[0, 1] + mu * (acc1[0, 1] + acc1[1, 1]) / 2  # acc(2,5) after step 2
 
 tx = on.neuron_mean_trace(mu)
@@ -180,11 +180,11 @@ plt.show()
 # %% [markdown]
 # ## One number per neuron is enough
 #
-# The seed keeps a full accumulator, one value per connection:
+# The TensorFlow optimizer from the question keeps a full accumulator, one value per connection:
 # `a_t = g_t + mu * mean_fanin(a_{t-1})`. Taking the fan-in mean of both sides,
 # `mean(a_t) = mean(g_t) + mu * mean(a_{t-1})`: the per-neuron mean `m_t` obeys its own
 # recursion, and the update is `g_t + mu * m_{t-1}`. `on.neuron_mean_trace` keeps only `m`.
-# Below, the seed's full accumulator in plain NumPy and the library on the MNIST MLP
+# Below, that full accumulator in plain NumPy and the library on the MNIST MLP
 # (784-128-10), 20 steps of random gradients.
 
 # %%
@@ -194,7 +194,7 @@ mlp_params = nnx.to_pure_dict(nnx.state(make_model("mlp", nnx.Rngs(0)), nnx.Para
 names = [on.fan_in.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(mlp_params)]
 
 def seed_reference(grads_seq, mu):
-    """The seed's optimizer in NumPy: a full accumulator per connection, kernels average axis 0."""
+    """The question's optimizer in NumPy: a full accumulator per connection, kernels average axis 0."""
     acc = [np.zeros_like(g) for g in grads_seq[0]]
     out = []
     for grads in grads_seq:
@@ -214,7 +214,7 @@ worst = 0.0
 for grads, ref in zip(grads_seq, reference):
     upd, state = tx.update(jax.tree.unflatten(treedef, [jnp.asarray(g) for g in grads]), state)
     worst = max(worst, max(float(np.max(np.abs(np.asarray(u) - r))) for u, r in zip(jax.tree.leaves(upd), ref)))
-print(f"largest difference from the seed's full accumulator over 20 steps: {worst:.2e}")
+print(f"largest difference from the full per-connection accumulator over 20 steps: {worst:.2e}")
 full = sum(x.size for x in leaves)
 kept = sum(x.size for x in jax.tree.leaves(state.neuron_momentum))
 print(f"state: {kept:,} numbers instead of {full:,} ({full / kept:.0f}x less)")
@@ -225,7 +225,7 @@ assert worst < 1e-4
 # %% [markdown]
 # ## The wrong-axis pitfall
 #
-# A widely copied answer to the seed question averages axis 1 of the kernel. For
+# A widely copied answer to the original question averages axis 1 of the kernel. For
 # `W[in, out]` that is the **outgoing** connections of the *source* neuron: for (2,5) it
 # mixes (2,4) and (2,5) instead of (2,5) and (3,5). The same code with the axes flipped
 # (`fan_in=` rules saying "all but the first axis", the PyTorch `(out, in)` layout) shows
@@ -313,7 +313,7 @@ print(f"pixels that are exactly 0 in these images: {np.mean(x == 0):.0%}")
 # gets no momentum at all. So neuron-mean momentum behaves much like plain SGD at the same
 # learning rate, and with ordinary momentum's settings (lr 0.02, dashed) it is slower than
 # both. Averaging over the wrong axis gives similar curves on this MLP: the difference is in
-# what the method computes (the seed's rule holds only with the fan-in axes), not, here, in
+# what the method computes (the question's rule holds only with the fan-in axes), not, here, in
 # the score. The library makes the idea cheap (one number per
 # neuron) and correct for every layer type; whether it helps is for experiments like this
 # one to say, and here per-connection momentum wins.

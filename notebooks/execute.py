@@ -69,9 +69,8 @@ def main(argv: list[str]) -> int:
             cell.get("metadata", {}).pop("execution", None)
         out = path.with_suffix(".ipynb")
         nbformat.write(nb, out)
-        print(
-            f"{out.name}: executed in {time.perf_counter() - t0:.0f} s, {out.stat().st_size / 1e3:.0f} kB"
-        )
+        seconds, kb = time.perf_counter() - t0, out.stat().st_size / 1e3
+        print(f"{out.name}: executed in {seconds:.0f} s, {kb:.0f} kB")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Neuron-mean momentum: momentum shared by all incoming connections of a neuron.
 
-The seed question (a TensorFlow optimizer): in SGD with momentum, replace the
+The original question (a TensorFlow user's optimizer): in SGD with momentum, replace the
 momentum of a connection by the mean momentum of all *incoming* connections of
 the same neuron. For the connection ``(2, 5)`` from neuron 2 to neuron 5, whose
 incoming connections are ``(2, 5)`` and ``(3, 5)``::
@@ -15,7 +15,7 @@ for a convolution ``W[h, w, in, out]`` over axes 0, 1, 2. Which axes they are is
 decided per parameter path by :mod:`optax_neuron.fan_in`.
 
 Writing ``mean`` for the mean over the fan-in axes (kept as size-1 dims), the
-seed keeps a full per-connection accumulator ``a_t = g_t + mu * mean(a_{t-1})``.
+question keeps a full per-connection accumulator ``a_t = g_t + mu * mean(a_{t-1})``.
 Since ``mean`` is linear and ``mean(mean(x)) = mean(x)``,
 ``mean(a_t) = mean(g_t) + mu * mean(a_{t-1})``: the per-neuron value
 ``m_t = mean(a_t)`` obeys its own recursion and is all that needs to be kept.
@@ -114,7 +114,7 @@ def neuron_mean_trace(
       u_t &= g_t + \mu\, m_{t-1} \quad\text{(or } g_t + \mu\, m_t
       \text{ with Nesterov).}
 
-    This is exactly the seed's optimizer, which keeps a full per-connection
+    This is exactly the question's TensorFlow optimizer, which keeps a full per-connection
     accumulator :math:`a_t = g_t + \mu\, \bar a_{t-1}` and returns
     :math:`u_t = a_t` (Nesterov: :math:`g_t + \mu\, \bar a_t`). Proof: the mean
     is linear and :math:`\bar{\bar x} = \bar x`, so
@@ -225,7 +225,7 @@ def neuron_mean_sgd(
     fan_in: Any = None,
     accumulator_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""SGD with neuron-mean momentum: the seed's optimizer, for every layer type.
+    r"""SGD with neuron-mean momentum: the optimizer of the original question, any layer type.
 
     The neuron-mean counterpart of :func:`optax.sgd`: a chain of
     :func:`neuron_mean_trace` and :func:`optax.scale_by_learning_rate`. With
@@ -238,7 +238,7 @@ def neuron_mean_sgd(
       u_t = -\eta_t\,(g_t + \mu\, m_{t-1})
       \quad(\text{Nesterov: } -\eta_t\,(g_t + \mu\, m_t)),
 
-    which equals the seed's ``acc <- grad + mu * mean_fanin(acc)``,
+    which equals the question's ``acc <- grad + mu * mean_fanin(acc)``,
     ``var -= lr * acc`` step for step (see :func:`neuron_mean_trace` for the
     proof) while keeping one state value per neuron.
 

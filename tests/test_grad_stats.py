@@ -92,7 +92,7 @@ def test_cumulative_mean_matches_numpy_mean_and_seed_formula():
         got = np.asarray(mean[path[0]][path[1]])
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, gs.mean(axis=0), rtol=1e-6)
-        # The seed's recursion avg = avg * (1 - 1/(step+1)) + g/(step+1), step = 0, 1, ...
+        # The U-Net trainer's recursion avg = avg * (1 - 1/(step+1)) + g/(step+1), step = 0, 1, ...
         avg = np.zeros(gs.shape[1:])
         for step, g in enumerate(gs):
             avg = avg * (1 - 1 / (step + 1)) + g / (step + 1)

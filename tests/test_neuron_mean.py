@@ -1,6 +1,6 @@
 """Tests for optax_neuron.neuron_mean.
 
-The reference is a plain NumPy version of the seed's TensorFlow optimizer: it
+The reference is a plain NumPy version of the TensorFlow optimizer from the question: it
 keeps the FULL per-connection accumulator ``a <- g + mu * mean_fanin(a)`` and
 returns ``a`` (Nesterov: ``g + mu * mean_fanin(a)``). The fan-in axes of every
 reference tree are written out by hand below, independently of fan_in.py.
@@ -41,8 +41,8 @@ def flatten(tree) -> dict:
     return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in leaves}
 
 
-class SeedMomentum:
-    """The seed's optimizer in NumPy: a full accumulator per connection."""
+class QuestionMomentum:
+    """The TensorFlow optimizer from the question in NumPy: a full accumulator per connection."""
 
     def __init__(self, shapes_axes: dict, mu: float, nesterov: bool = False, dtype=np.float32):
         self.axes = {p: ax for p, (_, ax) in shapes_axes.items()}
@@ -104,7 +104,7 @@ def params_of(shapes_axes, dtype=np.float32, rng=None):
 
 
 # ---------------------------------------------------------------------------
-# the seed's example, by hand
+# the example of the original question, by hand
 # ---------------------------------------------------------------------------
 
 
@@ -176,7 +176,7 @@ def _run_against_reference(tree_name, nesterov, dtype, rtol):
     shapes_axes = TREES[tree_name]
     mu = 0.9
     rng = np.random.default_rng(42)
-    ref = SeedMomentum(shapes_axes, mu, nesterov, dtype)
+    ref = QuestionMomentum(shapes_axes, mu, nesterov, dtype)
     tx = neuron_mean_trace(mu, nesterov=nesterov)
     params = params_of(shapes_axes, dtype)
     state = tx.init(params)
@@ -231,7 +231,7 @@ def test_sgd_learning_rate_schedule_and_nesterov_against_reference():
     schedule = optax.linear_schedule(0.1, 0.01, transition_steps=10)
     rng = np.random.default_rng(3)
     for nesterov in (False, True):
-        ref = SeedMomentum(shapes_axes, mu, nesterov)
+        ref = QuestionMomentum(shapes_axes, mu, nesterov)
         tx = neuron_mean_sgd(schedule, momentum=mu, nesterov=nesterov)
         state = tx.init(params_of(shapes_axes))
         for step in range(12):
@@ -254,7 +254,7 @@ def test_chain_with_clipping_and_weight_decay():
     mu, lr, wd, clip = 0.9, 0.05, 1e-2, 1.0
     rng = np.random.default_rng(5)
     params = flatten(params_of(MLP))
-    ref = SeedMomentum(MLP, mu)
+    ref = QuestionMomentum(MLP, mu)
     tx = optax.chain(optax.clip_by_global_norm(clip), optax.add_decayed_weights(wd), neuron_mean_sgd(lr, mu))
     jparams = nest({p: jnp.asarray(v) for p, v in params.items()})
     state = tx.init(jparams)
@@ -278,7 +278,7 @@ def test_inject_hyperparams_learning_rate_and_momentum():
     tx = factory(learning_rate=0.1, momentum=0.9, nesterov=True, fan_in=None)
     state = tx.init(params_of(MLP))
     step = jax.jit(tx.update)
-    ref = SeedMomentum(MLP, 0.9, nesterov=True)
+    ref = QuestionMomentum(MLP, 0.9, nesterov=True)
     for i in range(8):
         lr, mu = (0.1, 0.9) if i < 4 else (0.02, 0.5)
         if i == 4:  # change both hyperparameters in the state, no recompilation needed
@@ -300,7 +300,7 @@ def test_multisteps_accumulates_then_applies():
     tx = optax.MultiSteps(neuron_mean_trace(mu), every_k_schedule=k)
     state = tx.init(params_of(MLP))
     step = jax.jit(tx.update)
-    ref = SeedMomentum(MLP, mu)
+    ref = QuestionMomentum(MLP, mu)
     window = []
     for i in range(3 * k):
         grads = random_grads(rng, MLP, np.float32)
@@ -322,7 +322,7 @@ def test_masked_leaves_pass_through():
     mask = jax.tree.map(lambda x: x.ndim == 2, params)  # momentum on kernels only
     tx = optax.masked(neuron_mean_trace(0.9), mask)
     state = tx.init(params)
-    ref = SeedMomentum({p: v for p, v in MLP.items() if p.endswith("kernel")}, 0.9)
+    ref = QuestionMomentum({p: v for p, v in MLP.items() if p.endswith("kernel")}, 0.9)
     for _ in range(4):
         grads = random_grads(rng, MLP, np.float32)
         expected = ref.step({p: g for p, g in grads.items() if p.endswith("kernel")})
@@ -339,7 +339,7 @@ def test_partition_kernels_neuron_mean_biases_plain_sgd():
     labels = jax.tree.map(lambda x: "nm" if x.ndim == 2 else "plain", params)
     tx = optax.partition({"nm": neuron_mean_sgd(0.1, 0.9), "plain": optax.sgd(0.1)}, labels)
     state = tx.init(params)
-    ref = SeedMomentum({p: v for p, v in MLP.items() if p.endswith("kernel")}, 0.9)
+    ref = QuestionMomentum({p: v for p, v in MLP.items() if p.endswith("kernel")}, 0.9)
     for _ in range(4):
         grads = random_grads(rng, MLP, np.float32)
         acc = ref.step({p: g for p, g in grads.items() if p.endswith("kernel")})
@@ -364,7 +364,7 @@ def test_apply_if_finite_skips_nonfinite_steps():
     tx = optax.apply_if_finite(neuron_mean_trace(0.9), max_consecutive_errors=5)
     state = tx.init(params_of(MLP))
     step = jax.jit(tx.update)
-    ref = SeedMomentum(MLP, 0.9)
+    ref = QuestionMomentum(MLP, 0.9)
     for i in range(6):
         grads = random_grads(rng, MLP, np.float32)
         if i == 2:
@@ -389,7 +389,7 @@ def test_nnx_optimizer_matches_reference():
         "layers/2/kernel": ((6, 3), (0,)),
         "layers/2/bias": ((3,), ()),
     }
-    ref = SeedMomentum(shapes_axes, mu)
+    ref = QuestionMomentum(shapes_axes, mu)
     ref_params = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((16, 4)), jnp.float32)
     y = jnp.asarray(np.random.default_rng(2).standard_normal((16, 3)), jnp.float32)

@@ -1,7 +1,7 @@
 """Property tests (hypothesis) for the library's invariants (issue 9).
 
 * neuron-mean momentum: for random shapes, random fan-in axes, random
-  momentum and Nesterov, the per-neuron state reproduces the seed's optimizer,
+  momentum and Nesterov, the per-neuron state reproduces the question's optimizer,
   which keeps a FULL per-connection accumulator (plain NumPy loop below):
   ``a_t = g_t + mu * mean_fanin(a_{t-1})``, update ``a_t``
   (Nesterov: ``g_t + mu * mean_fanin(a_t)``), and the state equals
@@ -38,7 +38,7 @@ def shapes_and_axes(draw):
 
 
 def seed_reference(grads, axes, mu, nesterov):
-    """The seed's optimizer with a full accumulator, as a NumPy loop."""
+    """The question's optimizer with a full accumulator, as a NumPy loop."""
     acc = np.zeros_like(grads[0])
     updates = []
     for g in grads:
