@@ -44,7 +44,7 @@ def cell_grid(ax) -> None:
     ax.set_xticks(np.arange(-0.5, cols), minor=True)
     ax.set_yticks(np.arange(-0.5, rows), minor=True)
     ax.grid(False)
-    ax.grid(which="minor", color="white", lw=1.5)
+    ax.grid(which="minor", color="white", lw=1.5, alpha=1.0)  # opaque whatever rcParams say
     ax.tick_params(which="minor", length=0)
 
 

@@ -111,14 +111,17 @@ def test_cell_grid_shows_every_element_of_a_conv_window():
     import matplotlib.pyplot as plt
     from _helpers import cell_grid
 
-    fig, ax = plt.subplots()
-    ax.imshow(np.zeros((3, 3)))  # one 3x3 filter: a single colour
-    cell_grid(ax)
+    with plt.rc_context({"axes.grid": True, "grid.alpha": 0.3}):  # the notebooks' style
+        fig, ax = plt.subplots()
+        ax.imshow(np.zeros((3, 3)))  # one 3x3 filter: a single colour
+        cell_grid(ax)
     assert list(ax.get_xticks(minor=True)) == [-0.5, 0.5, 1.5, 2.5]
     assert list(ax.get_yticks(minor=True)) == [-0.5, 0.5, 1.5, 2.5]
     fig.canvas.draw()
     visible = [t for t in ax.xaxis.get_minor_ticks() if t.gridline.get_visible()]
     assert len(visible) == 4  # the lines between (and around) the 3 columns
+    assert all(t.gridline.get_alpha() in (None, 1.0) for t in visible)  # not faded out
+    assert all(t.gridline.get_color() == "white" for t in visible)
     assert not any(t.gridline.get_visible() for t in ax.xaxis.get_major_ticks())
     plt.close(fig)
 
