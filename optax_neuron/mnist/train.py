@@ -224,11 +224,7 @@ def run(config: TrainConfig, data: Dataset, *, writer=None, progress=True, log=N
       "wall_time", ["grad_stats"]}], "test_accuracy", "test_loss", "params"}``.
     """
     check_config(config)
-    n = (
-        len(data.train_labels)
-        if config.limit_train is None
-        else min(config.limit_train, len(data.train_labels))
-    )
+    n = min(config.limit_train or len(data.train_labels), len(data.train_labels))
     x_train, y_train = jnp.asarray(data.train_images[:n]), jnp.asarray(data.train_labels[:n])
     model = build_model(config)
     model.train()
@@ -239,16 +235,14 @@ def run(config: TrainConfig, data: Dataset, *, writer=None, progress=True, log=N
             config, data, model, x_train, y_train, writer=writer, progress=progress, log=log
         )
     batch_size = min(config.batch_size, n)
+    if batch_size < 1:
+        raise ValueError("the training set is empty")
     grad_stats = config.grad_stats or writer is not None
     total_steps = max(1, config.epochs * (n // batch_size))
     tx = make_optimizer(
-        config.optimizer,
-        config.learning_rate,
-        config.momentum,
-        schedule=config.schedule,
-        total_steps=total_steps,
-        grad_stats=grad_stats,
-    )
+        config.optimizer, config.learning_rate, config.momentum, schedule=config.schedule,
+        total_steps=total_steps, grad_stats=grad_stats,
+    )  # fmt: skip
     graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
     train_epoch = make_train_epoch(graphdef, batch_size)
 

@@ -184,3 +184,19 @@ def test_console_script_entry_point():
         "optax-neuron-mnist: error: argument --optimizer: invalid choice"
     )
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_compare_resume_starts_the_runs_that_saved_nothing(tmp_path, capsys):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    args = ["--compare", "sgd,adam", "--checkpoint", str(ckpt), *TINY]
+    assert main(args) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    shutil.rmtree(ckpt / "adam")  # as if interrupted before adam saved anything
+    assert main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {ckpt / 'sgd'} after epoch 1" in out and out.count("resumed from") == 1
+    assert out.strip().splitlines()[-1] == first  # adam retrained from scratch: the same result
+    shutil.rmtree(ckpt)
+    _fails([*args, "--resume"], capsys, f"--resume: no complete checkpoint in {ckpt}")
