@@ -38,10 +38,10 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+from _helpers import FULL, setup  # shared helpers: notebooks/_helpers.py
 from flax import nnx
 
 import optax_neuron as on
-from _helpers import FULL, setup  # shared helpers: notebooks/_helpers.py
 
 setup()
 
@@ -67,15 +67,20 @@ setup()
 d, T = 10_000, (2_000 if FULL else 200)
 t = np.arange(1, T + 1)
 
+
 def norms(tx, drift):
     """||g_t|| and ||running mean_t|| for g_t = drift + N(0, 1) noise, t = 1..T."""
+
     def step(state, key):
         g = drift + jax.random.normal(key, (d,))
         _, state = tx.update(g, state)
         return state, (jnp.linalg.norm(g), jnp.linalg.norm(state.gradient_mean))
+
     _, out = jax.jit(lambda keys: jax.lax.scan(step, tx.init(jnp.zeros(d)), keys))(
-        jax.random.split(jax.random.key(0), T))
+        jax.random.split(jax.random.key(0), T)
+    )
     return [np.asarray(x) for x in out]
+
 
 drift = jnp.full(d, 0.1)  # ||mu|| = 0.1 * sqrt(10,000) = 10
 g_noise, mean_noise = norms(on.running_gradient_mean(), 0.0)
@@ -83,9 +88,11 @@ _, mean_drift = norms(on.running_gradient_mean(), drift)
 _, ema_noise = norms(on.running_gradient_mean(decay=0.99), 0.0)
 
 for s in (1, 10, 100, T):
-    print(f"t = {s:5d}: ||g_t|| = {g_noise[s - 1]:6.1f}   ||mean_t|| = {mean_noise[s - 1]:6.2f}   "
-          f"sqrt(d/t) = {np.sqrt(d / s):6.2f}   ratio = {mean_noise[s - 1] / g_noise[s - 1]:.4f}"
-          f"   1/sqrt(t) = {1 / np.sqrt(s):.4f}")
+    print(
+        f"t = {s:5d}: ||g_t|| = {g_noise[s - 1]:6.1f}   ||mean_t|| = {mean_noise[s - 1]:6.2f}   "
+        f"sqrt(d/t) = {np.sqrt(d / s):6.2f}   ratio = {mean_noise[s - 1] / g_noise[s - 1]:.4f}"
+        f"   1/sqrt(t) = {1 / np.sqrt(s):.4f}"
+    )
 
 # %%
 ema_level = np.sqrt(d * (1 - 0.99) / (1 + 0.99))  # stationary EMA of unit noise
@@ -121,12 +128,13 @@ print(f"{POINTS} points of {CHUNK} steps of {BATCH} images; test accuracy on {N_
 
 # %%
 tx = optax.chain(
-    on.gradient_norms(),           # per-leaf, global and per-neuron norms of the raw gradient
-    on.running_gradient_mean(),    # the U-Net trainer's cumulative mean
+    on.gradient_norms(),  # per-leaf, global and per-neuron norms of the raw gradient
+    on.running_gradient_mean(),  # the U-Net trainer's cumulative mean
     optax.sgd(0.02, momentum=0.9),
 )
 log = []
 final = {}
+
 
 def record(step, opt, model):
     values = on.metrics(opt.opt_state, per_neuron=True)
@@ -135,31 +143,45 @@ def record(step, opt, model):
     log.append((step, jax.device_get(values)))
     final["model"] = model  # the model after the last point
 
+
 t0 = time.perf_counter()
 curve = train_curve(tx, "cnn", on_point=record, channels=(8, 16), hidden=64)
-print(f"{curve[-1, 0]:.0f} steps in {time.perf_counter() - t0:.0f} s: "
-      f"train loss {curve[-1, 1]:.3f}, test accuracy {curve[-1, 2]:.4f}")
+print(
+    f"{curve[-1, 0]:.0f} steps in {time.perf_counter() - t0:.0f} s: "
+    f"train loss {curve[-1, 1]:.3f}, test accuracy {curve[-1, 2]:.4f}"
+)
 print("keys:", ", ".join(k for k in log[-1][1] if "/layers/0/" in k or k.endswith("global")))
 
 # %%
-kernels = {"conv 1": "layers/0/kernel", "conv 2": "layers/3/kernel",
-           "dense": "layers/7/kernel", "logits": "layers/9/kernel"}
+kernels = {
+    "conv 1": "layers/0/kernel",
+    "conv 2": "layers/3/kernel",
+    "dense": "layers/7/kernel",
+    "logits": "layers/9/kernel",
+}
 steps = np.array([s for s, _ in log])
 series = lambda key: np.array([v[key] for _, v in log])
 
 fig, axs = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
 for name, path in kernels.items():
-    line, = axs[0].plot(steps, series(f"gradient_norm/{path}"), label=name)
+    (line,) = axs[0].plot(steps, series(f"gradient_norm/{path}"), label=name)
     axs[1].plot(steps, series(f"gradient_mean_norm/{path}"), color=line.get_color(), label=name)
-    axs[2].plot(steps, series(f"gradient_mean_norm/{path}") / series(f"gradient_norm/{path}"),
-                color=line.get_color(), label=name)
+    axs[2].plot(
+        steps,
+        series(f"gradient_mean_norm/{path}") / series(f"gradient_norm/{path}"),
+        color=line.get_color(),
+        label=name,
+    )
 axs[2].plot(steps, 1 / np.sqrt(steps), "k--", lw=1, label="1/sqrt(t): pure noise")
-axs[0].set(title="||gradient|| (last step of each point)", xscale="log", yscale="log", xlabel="step")
+axs[0].set(
+    title="||gradient|| (last step of each point)", xscale="log", yscale="log", xlabel="step"
+)
 axs[1].set(title="||cumulative mean of the gradient||", xscale="log", yscale="log", xlabel="step")
 axs[2].set(title="ratio mean / gradient", xscale="log", yscale="log", xlabel="step")
 for ax in axs:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-axs[0].legend(fontsize=8); axs[2].legend(fontsize=8)
+axs[0].legend(fontsize=8)
+axs[2].legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
@@ -180,13 +202,21 @@ plt.show()
 dense_path = kernels["dense"]
 per_neuron = np.stack([v[f"gradient_neuron_norm/{dense_path}"].ravel() for _, v in log], axis=1)
 
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [1.4, 1]}, layout="constrained")
+fig, (ax1, ax2) = plt.subplots(
+    1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [1.4, 1]}, layout="constrained"
+)
 cmap = plt.get_cmap("viridis").with_extremes(bad="black")  # zero norm: black
-im = ax1.imshow(np.ma.masked_equal(per_neuron, 0.0), aspect="auto", cmap=cmap, origin="lower",
-                norm=matplotlib.colors.LogNorm(),
-                extent=[steps[0] - CHUNK / 2, steps[-1] + CHUNK / 2, -0.5, per_neuron.shape[0] - 0.5])
+im = ax1.imshow(
+    np.ma.masked_equal(per_neuron, 0.0),
+    aspect="auto",
+    cmap=cmap,
+    origin="lower",
+    norm=matplotlib.colors.LogNorm(),
+    extent=[steps[0] - CHUNK / 2, steps[-1] + CHUNK / 2, -0.5, per_neuron.shape[0] - 0.5],
+)
 fig.colorbar(im, ax=ax1, label="norm over the fan-in (black: 0)")
-ax1.set(title="dense layer (784 -> 64): per-neuron gradient norm", xlabel="step", ylabel="neuron"); ax1.grid(False)
+ax1.set(title="dense layer (784 -> 64): per-neuron gradient norm", xlabel="step", ylabel="neuron")
+ax1.grid(False)
 
 last = log[-1][1]
 for name, path in kernels.items():
@@ -194,14 +224,19 @@ for name, path in kernels.items():
     g = last[f"gradient_neuron_norm/{path}"].ravel()
     m = last["mean_neuron_norm"]["layers"][int(layer)]["kernel"].ravel()
     ax2.scatter(g, m, s=14, label=f"{name} ({g.size} neurons)")
-ax2.set(xlabel="per-neuron ||gradient||, last step", ylabel="per-neuron ||cumulative mean||",
-        title=f"every neuron at step {steps[-1]}")
+ax2.set(
+    xlabel="per-neuron ||gradient||, last step",
+    ylabel="per-neuron ||cumulative mean||",
+    title=f"every neuron at step {steps[-1]}",
+)
 ax2.legend(fontsize=8)
 plt.show()
 zero_at_every_point = int((per_neuron.max(axis=1) == 0).sum())
 mostly_black = int(((per_neuron == 0).mean(axis=1) > 0.5).sum())
-print(f"dense neurons with a zero gradient at every recorded step: {zero_at_every_point} of 64; "
-      f"at more than half of the recorded steps: {mostly_black} of 64")
+print(
+    f"dense neurons with a zero gradient at every recorded step: {zero_at_every_point} of 64; "
+    f"at more than half of the recorded steps: {mostly_black} of 64"
+)
 
 # %% [markdown]
 # **The black rows.** "Zero at every recorded step" counts none of them: a black row has a few
@@ -220,11 +255,16 @@ for layer in model.layers[:7]:  # conv, relu, pool, conv, relu, pool, flatten
     h = layer(h)
 fires = np.asarray(model.layers[7](h) > 0).mean(axis=0)  # the dense layer, before its ReLU
 zero_share = (per_neuron == 0).mean(axis=1)
-print(f"dense units firing on fewer than 1% of 5,000 training images: {int((fires < 0.01).sum())} "
-      f"of 64 (none at all: {int((fires == 0).sum())})")
+print(
+    f"dense units firing on fewer than 1% of 5,000 training images: {int((fires < 0.01).sum())} "
+    f"of 64 (none at all: {int((fires == 0).sum())})"
+)
 print("unit   fires on   zero share of its row   (1 - p)^128")
 for unit in np.argsort(-zero_share)[:10]:
-    print(f"{unit:4d}   {fires[unit]:8.2%}   {zero_share[unit]:21.2f}   {(1 - fires[unit]) ** BATCH:11.2f}")
+    print(
+        f"{unit:4d}   {fires[unit]:8.2%}   {zero_share[unit]:21.2f}   "
+        f"{(1 - fires[unit]) ** BATCH:11.2f}"
+    )
 
 # %% [markdown]
 # For logging, `on.write_metrics(on.summary_writer(logdir), on.metrics(opt.opt_state), step)`

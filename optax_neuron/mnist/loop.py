@@ -164,7 +164,7 @@ def report(record: dict, writer: Any, bar: Any, log: Callable | None, name: str,
 
 def _pad(x: np.ndarray, multiple: int) -> np.ndarray:
     extra = (-len(x)) % multiple
-    return np.concatenate([x, np.zeros((extra,) + x.shape[1:], x.dtype)]) if extra else x
+    return np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)]) if extra else x
 
 
 @jax.jit(static_argnums=0)
@@ -207,12 +207,8 @@ def evaluate(
 
 def evaluate_splits(model: nnx.Module, data: Any, batch_size: int = 1000) -> dict:
     """``test_loss``, ``test_accuracy`` and (if there is a validation split) ``val_*``."""
-    record = dict(
-        zip(
-            ("test_loss", "test_accuracy"),
-            evaluate(model, data.test_images, data.test_labels, batch_size),
-        )
-    )
+    test = evaluate(model, data.test_images, data.test_labels, batch_size)
+    record = {"test_loss": test[0], "test_accuracy": test[1]}
     if len(data.val_labels):
         val = evaluate(model, data.val_images, data.val_labels, batch_size)
         record["val_loss"], record["val_accuracy"] = val

@@ -144,8 +144,8 @@ def grad_norms_figure(
         ("gradient_norm/", "||gradient|| (last step of the epoch)", "gradient norm per parameter"),
         ("gradient_mean_norm/", "||running mean of the gradient||", "running-mean norm (EMA 0.99)"),
     )
-    handles = {}
-    for ax, (prefix, ylabel, panel_title) in zip(axes, panels):
+    handles: dict[str, Any] = {}
+    for ax, (prefix, ylabel, panel_title) in zip(axes, panels, strict=True):
         for path in [*paths, "global"]:
             y = [float(s.get(prefix + path, math.nan)) for s in stats]
             if all(math.isnan(v) for v in y):

@@ -53,7 +53,7 @@ class OptimizerChoice(NamedTuple):
 _WITH_MOMENTUM = GRADIENT_FLAGS | {"momentum"}
 OPTIMIZERS: dict[str, OptimizerChoice] = {
     "neuron-mean-sgd": OptimizerChoice(
-        lambda lr, mu: on.neuron_mean_sgd(lr, momentum=mu), 0.1, 0.9, _WITH_MOMENTUM
+        lambda lr, mu: on.neuron_mean_sgd(lr, momentum=mu or 0.0), 0.1, 0.9, _WITH_MOMENTUM
     ),
     "sgd": OptimizerChoice(lambda lr, mu: optax.sgd(lr, momentum=mu), 0.1, None, _WITH_MOMENTUM),
     "momentum": OptimizerChoice(lambda lr, mu: optax.sgd(lr, mu), 0.02, 0.9, _WITH_MOMENTUM),
@@ -125,6 +125,8 @@ def make_optimizer(
         lr = optax.cosine_decay_schedule(lr, total_steps)
     elif schedule != "constant":
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if choice.factory is None:  # not reached: check_hyperparameters refuses it
+        raise ValueError(f"{name} has no gradient transformation")
     tx = choice.factory(lr, mu)
     if grad_stats:
         monitors = (on.gradient_norms(per_neuron=False), on.running_gradient_mean(decay=0.99))

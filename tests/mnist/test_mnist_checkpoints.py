@@ -54,7 +54,7 @@ def test_a_state_without_its_record_is_incomplete_and_dropped(tmp_path):
 
 
 def test_resume_errors_name_every_difference(tmp_path):
-    with pytest.raises(NothingToResume, match="no complete checkpoint in .* to resume from"):
+    with pytest.raises(NothingToResume, match=r"no complete checkpoint in .* to resume from"):
         checkpoints.check_resumable(tmp_path, SETTINGS)
     ckpt = Checkpoints(tmp_path)
     ckpt.save(1, _state(1), SETTINGS, [{"epoch": 1}])
@@ -96,12 +96,12 @@ def test_run_epochs_resumes_where_it_stopped(tmp_path):
     def measure(state):
         return {"train_accuracy": 0.0, "test_loss": 0.0, "test_accuracy": float(state["step"])}
 
-    kw = dict(epochs=4, settings=SETTINGS, train=train, measure=measure, progress=False)
+    kw = {"epochs": 4, "settings": SETTINGS, "train": train, "measure": measure, "progress": False}
     straight, hist = run_epochs(_state(1), **kw)
     run_epochs(_state(1), checkpoint=str(tmp_path), stop_after=2, **kw)
     resumed, hist2 = run_epochs(_state(1), checkpoint=str(tmp_path), resume=True, **kw)
     np.testing.assert_array_equal(resumed["w"], straight["w"])
-    strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("_time")} for r in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("_time")} for r in h]
     assert strip(hist2) == strip(hist) and [r["epoch"] for r in hist] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         run_epochs(_state(1), checkpoint=str(tmp_path), **kw)

@@ -87,7 +87,7 @@ def _assert_same_as_straight(straight, checkpoint: Path, out: Path) -> None:
     assert _history(out) == history
     got = _final_state(checkpoint)
     assert len(got) == len(state) > 0
-    for a, b in zip(got, state):
+    for a, b in zip(got, state, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a, b)
 

@@ -11,7 +11,7 @@ from optax_neuron.mnist import plots
 from optax_neuron.mnist.models import make_model
 
 matplotlib.use("Agg", force=True)
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _epoch(e, scale=1.0, val=True):
