@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     from optax_neuron.mnist.models import MODELS
     from optax_neuron.mnist.train import OPTIMIZERS
 
+    def takes(flag: str) -> str:
+        return ", ".join(n for n, c in OPTIMIZERS.items() if flag in c.flags)
+
     p = _Parser(
         prog=PROG,
         description="Train a Flax NNX model on MNIST (offline) with an optax_neuron optimizer.",
@@ -118,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--momentum",
         type=_momentum,
         default=None,
-        help="momentum in [0, 1) (neuron-mean-sgd, momentum, nesterov, sgd, rmsprop); "
-        "default per optimizer",
+        help=f"momentum in [0, 1) ({takes('momentum')}); default per optimizer",
     )
     p.add_argument(
         "--schedule",
