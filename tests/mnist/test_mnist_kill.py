@@ -1,0 +1,127 @@
+"""Real interruptions of the command line: SIGKILL during an epoch and inside a save, Ctrl-C.
+
+Each case starts ``python -m optax_neuron.mnist`` as a subprocess on a tiny
+slice (``--limit-train 256``, 2 epochs), interrupts it at a known point, resumes
+it with ``--resume`` and compares with one uninterrupted run: the histories
+(without timings) and every array of the final checkpoints must be equal, bit
+for bit. The test-only hook ``OPTAX_NEURON_TEST_SLEEP`` (see
+:mod:`optax_neuron.mnist.checkpoints`) holds the process inside epoch 2 or
+inside the save of epoch 2 long enough for the signal to land there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--model", "mlp", "--hidden", "4", "--limit-train", "256", "--batch-size", "64",
+        "--epochs", "2", "--seed", "1", "--no-progress"]  # fmt: skip
+TIMEOUT = 300
+
+
+def _start(checkpoint: Path, out: Path, *extra: str, sleep: str = "") -> subprocess.Popen:
+    env = dict(os.environ, OPTAX_NEURON_TEST_SLEEP=sleep, JAX_PLATFORMS="cpu")
+    argv = [*ARGS, "--checkpoint", str(checkpoint), "--out", str(out), *extra]
+    # ``python -m optax_neuron.mnist ARGV``, with Python's Ctrl-C handler installed even if
+    # this process was started with SIGINT ignored (as a shell does for background jobs)
+    code = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        f"sys.argv = ['optax_neuron.mnist', *{argv!r}]; "
+        "runpy.run_module('optax_neuron.mnist', run_name='__main__', alter_sys=True)"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err
+    return out, err
+
+
+def _wait_for(path: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def _final_state(checkpoint: Path) -> list[np.ndarray]:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        tree = ckpt.restore((checkpoint / "2" / "default").absolute())
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _history(out: Path) -> list[dict]:
+    epochs = json.loads((out / "metrics.json").read_text())["epochs"]
+    return [{k: v for k, v in e.items() if k not in ("epoch_time", "wall_time")} for e in epochs]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted run: its history and final checkpoint."""
+    root = tmp_path_factory.mktemp("straight")
+    _finish(_start(root / "ckpt", root / "out"))
+    return _history(root / "out"), _final_state(root / "ckpt")
+
+
+def _assert_same_as_straight(straight, checkpoint: Path, out: Path) -> None:
+    history, state = straight
+    assert _history(out) == history
+    got = _final_state(checkpoint)
+    assert len(got) == len(state) > 0
+    for a, b in zip(got, state):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["epoch", "save"])
+def test_sigkill_then_resume_is_bit_identical(where, tmp_path, straight):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    proc = _start(ckpt, out, sleep=f"{where} 2 120")
+    if where == "epoch":
+        _wait_for(ckpt / "epoch-1.json", proc)  # epoch 1 saved: now inside epoch 2
+    else:
+        _wait_for(ckpt / "2", proc)  # the state of epoch 2 is written, its record is not
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL
+    assert (ckpt / "epoch-1.json").exists() and not (ckpt / "epoch-2.json").exists()
+    assert (ckpt / "2").exists() == (where == "save")  # killed inside the save: incomplete
+
+    resumed, _ = _finish(_start(ckpt, out, "--resume"))
+    assert f"resumed from {ckpt} after epoch 1" in resumed
+    _assert_same_as_straight(straight, ckpt, out)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["1", "2", "epoch-1.json", "epoch-2.json"]
+
+
+def test_ctrl_c_says_where_to_resume(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    proc = _start(ckpt, out, sleep="epoch 2 120")
+    _wait_for(ckpt / "epoch-1.json", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)  # nothing hangs
+    assert proc.returncode == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0] == (
+        f"optax-neuron-mnist: interrupted; last complete checkpoint: epoch 1 of neuron-mean-sgd "
+        f"in {ckpt}; run the same command with --resume to continue"
+    )
