@@ -40,7 +40,7 @@ class RSOState(NamedTuple):
 
 
 def _explicit_spec(x: Any):
-    """The PartitionSpec of ``x`` if it is sharded over Explicit mesh axes, else None."""
+    """The sharding of ``x`` if it is sharded over Explicit mesh axes, else None."""
     try:
         sharding = jax.typeof(x).sharding
     except (TypeError, AttributeError):
@@ -53,11 +53,12 @@ def _explicit_spec(x: Any):
     if explicit is None:
         types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ())))
         explicit = tuple(n for n, t in types.items() if t == jax.sharding.AxisType.Explicit)
-    return spec if explicit else None
+    # A NamedSharding on the array's own (abstract) mesh: no mesh context needed.
+    return jax.sharding.NamedSharding(mesh, spec) if explicit else None
 
 
 def _gathered(x: Any) -> tuple[Any, Any]:
-    """``x`` replicated (when sharded over Explicit axes) and the spec to return it to.
+    """``x`` replicated (when sharded over Explicit axes) and the sharding to return it to.
 
     The search reads and writes single elements at traced positions; on an Explicit
     mesh that is a type error for a sharded leaf (a ``ravel`` of a sharded axis), so the
@@ -66,7 +67,8 @@ def _gathered(x: Any) -> tuple[Any, Any]:
     spec = _explicit_spec(x)
     if spec is None:
         return x, None
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec()), spec
+    replicated = jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec())
+    return jax.sharding.reshard(x, replicated), spec
 
 
 def _positive_int(name: str, value: Any) -> int:
