@@ -37,9 +37,7 @@ import numpy as np
 import pytest
 from test_sharding import (
     CHECK,
-    GENERAL,
     KEYS,
-    RSO_EXPLICIT_MODEL,
     assert_equal_to_one_device,
     assert_sharded_like_params,
     check_env,
@@ -173,20 +171,14 @@ def sweep():
     return out["runs"]
 
 
-@pytest.mark.parametrize("key", GENERAL)
+@pytest.mark.parametrize("key", KEYS)
 def test_two_processes_sharded_equals_one_device(sweep, key):
     assert_equal_to_one_device(sweep[key], key)
 
 
-@pytest.mark.parametrize("key", GENERAL)
+@pytest.mark.parametrize("key", KEYS)
 def test_two_processes_state_sharded_like_the_params(sweep, key):
     assert_sharded_like_params(sweep[key], key)
-
-
-def test_two_processes_rso_explicit_mesh_model_sharded(sweep):
-    """Depends on the RSO fix of branch ``rsolib`` (ShardingTypeError from a ``ravel``)."""
-    assert_equal_to_one_device(sweep[RSO_EXPLICIT_MODEL], RSO_EXPLICIT_MODEL)
-    assert_sharded_like_params(sweep[RSO_EXPLICIT_MODEL], RSO_EXPLICIT_MODEL)
 
 
 def test_two_processes_every_run_reported(sweep):

@@ -46,9 +46,6 @@ CHECK = os.path.join(HERE, "_sharded_check.py")
 AXES = ("auto", "explicit")
 LAYOUTS = ("data", "model")
 REL_TOL = 1e-5
-# RSO on an Explicit mesh with model-sharded kernels needs the RSO fix (a `ravel` that
-# Explicit sharding rejects), made on branch `rsolib`; checked by its own test below.
-RSO_EXPLICIT_MODEL = "explicit/model/rso"
 KEYS = [f"{a}/{layout}/{c.name}" for a in AXES for layout in LAYOUTS for c in CASES]
 KINDS = {c.name: c.kind for c in CASES}
 
@@ -99,23 +96,14 @@ def report():
     return out["runs"]
 
 
-GENERAL = [k for k in KEYS if k != RSO_EXPLICIT_MODEL]
-
-
-@pytest.mark.parametrize("key", GENERAL)
+@pytest.mark.parametrize("key", KEYS)
 def test_sharded_equals_one_device(report, key):
     assert_equal_to_one_device(report[key], key)
 
 
-@pytest.mark.parametrize("key", GENERAL)
+@pytest.mark.parametrize("key", KEYS)
 def test_state_sharded_like_the_params(report, key):
     assert_sharded_like_params(report[key], key)
-
-
-def test_rso_explicit_mesh_model_sharded(report):
-    """Depends on the RSO fix of branch ``rsolib`` (ShardingTypeError from a ``ravel``)."""
-    assert_equal_to_one_device(report[RSO_EXPLICIT_MODEL], RSO_EXPLICIT_MODEL)
-    assert_sharded_like_params(report[RSO_EXPLICIT_MODEL], RSO_EXPLICIT_MODEL)
 
 
 def test_every_run_reported(report):
