@@ -64,21 +64,11 @@ def _cli(tmp_path, *args: str, timeout: float = 300) -> tuple[dict, dict]:
     return spy, json.loads((out / "metrics.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def one_and_two(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("devices")
-    return _cli(tmp, "--devices", "1"), _cli(tmp, "--devices", "2")
-
-
-def test_devices_2_makes_and_uses_two_devices(one_and_two):
-    (spy1, _), (spy2, metrics2) = one_and_two
+def test_devices_2_uses_two_devices_and_equals_one_device(tmp_path):
+    (spy1, m1), (spy2, m2) = _cli(tmp_path, "--devices", "1"), _cli(tmp_path, "--devices", "2")
     assert spy1 == {"device_count": 1, "param_devices": [1]}
     assert spy2 == {"device_count": 2, "param_devices": [2]}
-    assert metrics2["config"]["devices"] == 2
-
-
-def test_devices_2_equals_one_device(one_and_two):
-    (_, m1), (_, m2) = one_and_two
+    assert m2["config"]["devices"] == 2
     assert len(m1["epochs"]) == len(m2["epochs"]) == 2
     for e1, e2 in zip(m1["epochs"], m2["epochs"], strict=True):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss"):
