@@ -80,9 +80,11 @@ from optax_neuron.tensorboard import summary_writer, write_metrics
 
 # RSO random search.
 from optax_neuron.rso import (
+    ChannelwiseLayer,
     LayerStack,
     LinearLayer,
     RSOState,
+    channelwise,
     conv_layer,
     dense_layer,
     rso,
@@ -113,9 +115,11 @@ __all__ = [
     "summary_writer",
     "write_metrics",
     # RSO
+    "ChannelwiseLayer",
     "LayerStack",
     "LinearLayer",
     "RSOState",
+    "channelwise",
     "conv_layer",
     "dense_layer",
     "rso",

@@ -1,54 +1,98 @@
-"""Sharded vs unsharded runs of every registered transformation (run by test_sharding.py).
+"""Every registered transformation on a 4-device mesh (for test_sharding, test_multiprocess).
 
-Runs in its own process with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``
-(set by the caller before JAX starts) and prints one JSON object on the last
-line of stdout; ``tests/test_sharding.py`` makes the assertions.
+Runs in its own process(es), with the devices made by the caller before JAX starts:
 
-For every case of ``tests/test_conformance.CASES``:
+* one process with four CPU devices (``--xla_force_host_platform_device_count=4``), or
+* two processes with two CPU devices each, joined by ``jax.distributed.initialize``
+  (``SHARDED_CHECK_COORDINATOR=127.0.0.1:<port>``, ``SHARDED_CHECK_NUM_PROCESSES=2``,
+  ``SHARDED_CHECK_PROCESS_ID=<i>``).
 
-* ``unsharded``: params, grads and state on one device, three jitted steps;
-* ``sharded``: kernels sharded over the out axis of a 4-device mesh
-  (``P(None, "x")``), biases over their only axis (``P("x")``), the same steps
-  under the same jitted function (sharding comes from the inputs; no
-  ``out_shardings`` are given, so what we report is what JAX propagates).
+Either way the mesh is ``jax.make_mesh((4,), ("x",))`` over all four devices. For every
+axis type (``Auto``, ``Explicit``), every layout and every case of
+``tests/test_conformance.CASES`` it trains a small model (``tanh(x @ k1 + b1) @ k2``, a
+squared error on a batch of 16) for three jitted steps; gradient pieces get
+``jax.grad`` of the loss, RSO the loss itself as ``value_fn``. Layouts:
 
-Reported per case: the largest absolute difference of updates and state
-between the two runs, whether they are bit-identical, the sharding spec of
-every state leaf after the first and after the last step, and the number of
-traces of the sharded step.
+* ``data``: parameters replicated (``P()``), the batch sharded over its first axis;
+* ``model``: kernels sharded over their out axis (``P(None, "x")``), the bias over its
+  only axis (``P("x")``), the batch replicated.
 
-RSO data-parallel: params replicated, a batch of 64 examples sharded over its
-first axis on the mesh; the search must accept the same weights as the
-single-device run.
+The reference is the same run on one device (no mesh) in the same process. Reported per
+(axis type, layout, case), as one JSON object on the last line of stdout of process 0:
+the largest absolute difference of updates, state and final parameters from the
+reference divided by the largest absolute value of the reference (and whether they are
+bit-identical; integer state such as counters and RSO's acceptance counts separately), the
+sharding spec of every state leaf after the first and the last step, the specs of the last
+updates, how many times the step was traced and its CPU seconds. A run that raises is
+reported with its error message instead. Values of multi-process arrays are gathered to
+every host with ``multihost_utils.process_allgather``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
+import time
 
 import jax
+
+if os.environ.get("SHARDED_CHECK_NUM_PROCESSES"):
+    jax.distributed.initialize(
+        coordinator_address=os.environ["SHARDED_CHECK_COORDINATOR"],
+        num_processes=int(os.environ["SHARDED_CHECK_NUM_PROCESSES"]),
+        process_id=int(os.environ["SHARDED_CHECK_PROCESS_ID"]),
+        initialization_timeout=60,
+    )
+
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_conformance import CASES, quadratic_loss, random_tree  # noqa: E402
+from test_conformance import CASES
 
 SHAPES = {"dense": {"kernel": (6, 8), "bias": (8,)}, "out": {"kernel": (8, 4)}}
+BATCH = 16
 STEPS = 3
-AXIS_TYPE = jax.sharding.AxisType.Explicit if os.environ.get("SHARDED_CHECK_EXPLICIT") else jax.sharding.AxisType.Auto
+AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+LAYOUTS = ("data", "model")
+
+
+def model_loss(p, x, y):
+    h = jnp.tanh(x @ p["dense"]["kernel"] + p["dense"]["bias"])
+    return jnp.mean((h @ p["out"]["kernel"] - y) ** 2)
+
+
+def problem():
+    """Parameters and a batch as NumPy arrays (the same in every process)."""
+    rng = np.random.default_rng(0)
+    params = {
+        "dense": {"kernel": rng.normal(size=(6, 8)), "bias": 0.1 * rng.normal(size=8)},
+        "out": {"kernel": rng.normal(size=(8, 4)) / np.sqrt(8)},
+    }
+    params = jax.tree.map(lambda a: a.astype(np.float32), params)
+    x = rng.normal(size=(BATCH, 6)).astype(np.float32)
+    y = rng.normal(size=(BATCH, 4)).astype(np.float32)
+    return params, x, y
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array, on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def spec_of(x) -> str:
-    s = getattr(x, "sharding", None)
-    if isinstance(s, NamedSharding):
-        return "replicated" if s.is_fully_replicated else str(tuple(s.spec))
-    if s is not None and s.is_fully_replicated:
+    s = x.sharding
+    if s.is_fully_replicated:
         return "replicated"
-    return str(s)
+    return str(tuple(s.spec)) if isinstance(s, NamedSharding) else str(s)
 
 
 def paths(tree) -> dict:
@@ -56,104 +100,103 @@ def paths(tree) -> dict:
     return {jax.tree_util.keystr(p): leaf for p, leaf in leaves}
 
 
-def max_diff(a, b) -> tuple[float, bool]:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    diff, exact = 0.0, True
-    for x, y in zip(la, lb):
-        x, y = np.asarray(x).astype(np.float64), np.asarray(y).astype(np.float64)
+def max_diff(ref: dict, b: dict) -> tuple[float, bool]:
+    """Largest ``|ref - b|`` over all leaves relative to the largest ``|ref|``; bit-equality."""
+    assert ref.keys() == b.keys(), (ref.keys(), b.keys())
+    diff, scale, exact = 0.0, 0.0, True
+    for k in ref:
+        x, y = ref[k].astype(np.float64), b[k].astype(np.float64)
         if x.size:
-            d = np.abs(x - y)
-            diff = max(diff, float(np.nanmax(d)) if not np.all(np.isnan(d)) else 0.0)
-        exact &= bool(np.array_equal(x, y, equal_nan=True))
-    return diff, exact
+            diff = max(diff, float(np.max(np.abs(x - y))))
+            scale = max(scale, float(np.max(np.abs(x))))
+        exact &= bool(np.array_equal(x, y))
+    return diff / scale if scale else diff, exact
 
 
-def run(case, params, grads_seq, loss):
+def run(case, params, x, y) -> dict:
+    """``STEPS`` jitted training steps: host copies of the last updates, state and params,
+    the specs of the state after every step and of the last updates, the trace count."""
     tx = case.make()
     traces = []
 
     @jax.jit
-    def step(p, s, g):
+    def step(p, s, xb, yb):
         traces.append(1)
-        extra = {"value_fn": loss} if case.kind == "rso" else {}
-        u, s = tx.update(g, s, p, **extra)
+        if case.kind == "rso":
+            u, s = tx.update(p, s, p, value_fn=lambda q: model_loss(q, xb, yb))
+        else:
+            u, s = tx.update(jax.grad(model_loss)(p, xb, yb), s, p)
         return optax.apply_updates(p, u), s, u
 
     state = jax.jit(tx.init)(params)
-    ups, specs = [], []
-    for g in grads_seq:
-        params, state, u = step(params, state, g)
-        ups.append(u)
+    specs = []
+    for _ in range(STEPS):
+        params, state, u = step(params, state, x, y)
         specs.append({k: spec_of(v) for k, v in paths(state).items()})
-    return ups, state, specs, len(traces)
+    return {
+        "u": {k: to_host(v) for k, v in paths(u).items()},
+        "s": {k: to_host(v) for k, v in paths(state).items()},
+        "p": {k: to_host(v) for k, v in paths(params).items()},
+        "state_specs": specs,
+        "update_specs": {k: spec_of(v) for k, v in paths(u).items()},
+        "traces": len(traces),
+    }
+
+
+def compare(ref: dict, got: dict) -> dict:
+    """What the tests assert on: differences from the reference run, specs, traces."""
+    r = {
+        "traces": got["traces"],
+        "update_specs": got["update_specs"],
+        "state_specs_first": got["state_specs"][0],
+        "state_specs_last": got["state_specs"][-1],
+        "state_shapes": {k: list(v.shape) for k, v in got["s"].items()},
+    }
+    for part in ("u", "s", "p"):
+        r[f"{part}_rel"], r[f"{part}_exact"] = max_diff(ref[part], got[part])
+    ints = [k for k, v in ref["s"].items() if v.dtype.kind in "iub"]
+    r["s_int_exact"] = all(np.array_equal(ref["s"][k], got["s"][k]) for k in ints)
+    return r
+
+
+def place(mesh, layout, params, x, y):
+    """Global arrays on ``mesh``; each process supplies the blocks of its own devices."""
+
+    def put(a, spec):
+        sharding = NamedSharding(mesh, spec)
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+    if layout == "data":
+        p = jax.tree.map(lambda a: put(a, P()), params)
+        return p, put(x, P("x")), put(y, P("x"))
+    p = jax.tree.map(lambda a: put(a, P(None, "x") if a.ndim == 2 else P("x")), params)
+    return p, put(x, P()), put(y, P())
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    args = parser.parse_args()
     assert jax.device_count() == 4, jax.devices()
-    mesh = jax.make_mesh((4,), ("x",), axis_types=(AXIS_TYPE,))
-    kernel, vector = NamedSharding(mesh, P(None, "x")), NamedSharding(mesh, P("x"))
-    shard = lambda t: jax.tree.map(  # noqa: E731
-        lambda x: jax.device_put(x, kernel if x.ndim == 2 else vector), t)
+    cases = [c for c in CASES if args.cases is None or c.name in args.cases.split(",")]
+    params, x, y = problem()
+    one = jax.local_devices()[0]
+    ref = {c.name: run(c, *jax.device_put((params, x, y), one)) for c in cases}
 
-    params = random_tree(0, shapes=SHAPES)
-    grads_seq = [random_tree(10 + t, shapes=SHAPES) for t in range(STEPS)]
-    loss = quadratic_loss(random_tree(2, shapes=SHAPES))
-    out = {"cases": {}}
-    for case in CASES:
-        u0, s0, _, _ = run(case, params, grads_seq, loss)
-        u1, s1, specs, n_traces = run(case, shard(params), [shard(g) for g in grads_seq], loss)
-        du, eu = max_diff(u0, u1)
-        ds, es = max_diff(s0, s1)
-        out["cases"][case.name] = {
-            "update_diff": du, "update_exact": eu, "state_diff": ds, "state_exact": es,
-            "update_specs": {k: spec_of(v) for k, v in paths(u1[-1]).items()},
-            "state_specs_first": specs[0], "state_specs_last": specs[-1],
-            "state_shapes": {k: list(np.shape(v)) for k, v in paths(s1).items()},
-            "traces": n_traces,
-        }
-
-    # RSO, data parallel: replicated params, batch sharded over the mesh.
-    rso_case = next(c for c in CASES if c.kind == "rso")
-    rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.normal(size=(64, 6)), jnp.float32)
-    y = jnp.asarray(rng.normal(size=(64, 4)), jnp.float32)
-
-    def model_loss(p, xb, yb):
-        h = jnp.tanh(xb @ p["dense"]["kernel"] + p["dense"]["bias"])
-        return jnp.mean((h @ p["out"]["kernel"] - yb) ** 2)
-
-    tx = rso_case.make(weights_per_step=40)
-
-    @jax.jit
-    def rso_step(p, s, xb, yb):
-        u, s = tx.update(p, s, p, value_fn=lambda q: model_loss(q, xb, yb))
-        return optax.apply_updates(p, u), s, u
-
-    def rso_run(p, xb, yb):
-        s = tx.init(p)
-        ups = []
-        for _ in range(3):
-            p, s, u = rso_step(p, s, xb, yb)
-            ups.append(u)
-        return ups, s
-
-    p_single = params
-    ups0, st0 = rso_run(p_single, x, y)
-    replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("x"))
-    p_rep = jax.device_put(params, replicated)
-    xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
-    ups1, st1 = rso_run(p_rep, xs, ys)
-    du, eu = max_diff(ups0, ups1)
-    out["rso_data_parallel"] = {
-        "update_diff": du, "update_exact": eu,
-        "accepted_single": {k: int(v) for k, v in st0.rso_accepted.items()},
-        "accepted_sharded": {k: int(v) for k, v in st1.rso_accepted.items()},
-        "loss_single": float(st0.rso_loss), "loss_sharded": float(st1.rso_loss),
-        "loss_start": float(model_loss(params, x, y)),
-        "batch_spec": spec_of(xs), "update_specs": {k: spec_of(v) for k, v in paths(ups1[-1]).items()},
-    }
-    print(json.dumps(out))
+    out = {"process_count": jax.process_count(), "runs": {}}
+    for axis_name, axis_type in AXIS_TYPES.items():
+        mesh = jax.make_mesh((4,), ("x",), axis_types=(axis_type,))
+        for layout in LAYOUTS:
+            for case in cases:
+                t0 = time.process_time()
+                try:
+                    r = compare(ref[case.name], run(case, *place(mesh, layout, params, x, y)))
+                except Exception as e:  # reported; the test fails on it, with the message
+                    r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+                r["cpu_s"] = time.process_time() - t0
+                out["runs"][f"{axis_name}/{layout}/{case.name}"] = r
+    if jax.process_index() == 0:
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":

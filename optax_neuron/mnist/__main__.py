@@ -12,6 +12,7 @@ Examples::
 
   python -m optax_neuron.mnist --out outputs/demo
   python -m optax_neuron.mnist --compare sgd,momentum,neuron-mean-sgd,adam --out outputs/cmp
+  python -m optax_neuron.mnist --devices 2 --out outputs/dp2   # data parallel, 2 devices
   python -m optax_neuron.mnist --optimizer rso --model mlp --hidden 32 --epochs 5 --out outputs/rso
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -79,6 +81,7 @@ FLAG_DEFAULTS = {
     "batch_size": 64,
     "schedule": "cosine",
     "rso_batch_size": 5000,
+    "devices": 1,
 }
 """Flags parsed with default ``None`` (so "given" differs from "default"), and their defaults."""
 
@@ -178,11 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="RSO minibatch (one per chunk of searched weights); "
         "default 5000 as in the RSO paper's official code",
     )
+    p.add_argument(
+        "--devices",
+        type=_positive("--devices"),
+        default=None,
+        metavar="N",
+        help="train data-parallel over N local devices (on the CPU: N host devices made "
+        "before JAX starts); the batch size must be divisible by N; default 1 (not rso)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
 
 
-OPTIMIZER_FLAGS = ("learning_rate", "momentum", "schedule", "batch_size", "rso_batch_size")
+OPTIMIZER_FLAGS = (
+    "learning_rate",
+    "momentum",
+    "schedule",
+    "batch_size",
+    "rso_batch_size",
+    "devices",
+)
 """Flags that only some optimizers take (``OptimizerChoice.flags``), with ``grad_stats``."""
 
 
@@ -242,11 +260,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, default in FLAG_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, default)
+    if args.batch_size % args.devices:
+        raise UsageError(
+            f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}"
+        )
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint DIR")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir {args.data_dir}: no such directory")
     return args
+
+
+def _use_devices(n: int) -> None:
+    """Make ``n`` local devices available to JAX, or raise :class:`UsageError`.
+
+    On the CPU the devices come from XLA's host-device-count flag, which is read once,
+    when JAX starts its backends (the first computation, not ``import jax``): it is set
+    here, before anything has run, and the device count is checked afterwards. The
+    environment is restored then (the flag has been read), so that processes started
+    later do not inherit it.
+    """
+    if n == 1:
+        return
+    flag = "--xla_force_host_platform_device_count"
+    old = os.environ.get("XLA_FLAGS")
+    kept = [f for f in (old or "").split() if not f.startswith(flag)]
+    os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}={n}"])
+    try:
+        import jax
+
+        have = jax.local_device_count()
+    finally:
+        if old is None:
+            del os.environ["XLA_FLAGS"]
+        else:
+            os.environ["XLA_FLAGS"] = old
+    if have < n:
+        raise UsageError(
+            f"--devices {n}: only {have} {jax.default_backend()} device(s) can be had here "
+            "(on the CPU, N devices are made only if JAX has not started before the CLI)"
+        )
 
 
 def _config(args, optimizer: str, checkpoint: str | None):
@@ -268,6 +321,7 @@ def _config(args, optimizer: str, checkpoint: str | None):
         resume=args.resume,
         hidden=args.hidden,
         rso_batch_size=args.rso_batch_size,
+        devices=args.devices,
     )
     default = TrainConfig()
     for key in (*OPTIMIZER_FLAGS, "grad_stats"):
@@ -341,6 +395,7 @@ def main(argv=None) -> int:
     """
     try:
         args = parse_args(argv)
+        _use_devices(args.devices)
         from optax_neuron.mnist.data import DataError, load_dataset
 
         try:

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_neuron as on
 from optax_neuron.mnist.data import Dataset
@@ -37,7 +39,7 @@ from optax_neuron.mnist.models import make_model
 __all__ = ["DEFAULTS", "OPTIMIZERS", "OptimizerChoice", "TrainConfig", "check_config"]
 __all__ += ["evaluate", "loss_fn", "make_optimizer", "make_train_epoch", "run"]
 
-GRADIENT_FLAGS = frozenset({"learning_rate", "schedule", "batch_size", "grad_stats"})
+GRADIENT_FLAGS = frozenset({"learning_rate", "schedule", "batch_size", "grad_stats", "devices"})
 """Config fields (CLI flags) of every gradient optimizer."""
 
 
@@ -162,16 +164,21 @@ class TrainConfig:
     stop_after: int | None = None  # end after this many epochs as if interrupted (tests)
     rso_chunk: int = 1000
     eval_batch_size: int = 1000
+    devices: int = 1  # data-parallel over this many local devices (gradient optimizers)
 
 
 def check_config(config: TrainConfig) -> None:
     """Raise ``ValueError`` naming the flag of the first bad setting of ``config``."""
     if config.optimizer != "rso":
         check_hyperparameters(config.optimizer, config.learning_rate, config.momentum)
-    for name in ("epochs", "batch_size", "rso_batch_size", "limit_train", "hidden"):
+    for name in ("epochs", "batch_size", "rso_batch_size", "limit_train", "hidden", "devices"):
         value, least = getattr(config, name), 0 if name == "epochs" else 1
         if value is not None and value < least:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if config.optimizer != "rso" and config.batch_size % config.devices:
+        raise ValueError(
+            f"--batch-size {config.batch_size} must be divisible by --devices {config.devices}"
+        )
     if config.schedule not in ("constant", "cosine"):
         raise ValueError(f"--schedule must be 'constant' or 'cosine', got {config.schedule!r}")
 
@@ -190,12 +197,15 @@ def loss_fn(model: nnx.Module, images: jax.Array, labels: jax.Array):
     return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def make_train_epoch(graphdef: Any, batch_size: int) -> Callable:
+def make_train_epoch(graphdef: Any, batch_size: int, batch_sharding: Any = None) -> Callable:
     """``train_epoch(state, images, labels, key) -> (state, mean loss, mean accuracy)``.
 
     ``state`` is ``nnx.split((model, optimizer))[1]``; the images are shuffled
     with ``key`` and cut into ``len // batch_size`` full batches (the rest is
-    dropped for this epoch); the steps run in one ``lax.scan``.
+    dropped for this epoch); the steps run in one ``lax.scan``. Data parallel:
+    ``batch_sharding`` (e.g. ``NamedSharding(mesh, P(None, "data"))``) lays the
+    stacked batches out over the devices, each batch split along its examples;
+    with the state replicated, ``jit`` all-reduces the gradients.
     """
 
     def train_step(state, batch):
@@ -210,7 +220,10 @@ def make_train_epoch(graphdef: Any, batch_size: int) -> Callable:
         steps = images.shape[0] // batch_size
         perm = jax.random.permutation(key, images.shape[0])[: steps * batch_size]
         perm = perm.reshape(steps, batch_size)
-        state, (loss, accuracy) = jax.lax.scan(train_step, state, (images[perm], labels[perm]))
+        batches = (images[perm], labels[perm])
+        if batch_sharding is not None:
+            batches = jax.lax.with_sharding_constraint(batches, batch_sharding)
+        state, (loss, accuracy) = jax.lax.scan(train_step, state, batches)
         return state, jnp.mean(loss), jnp.mean(accuracy)
 
     return train_epoch
@@ -253,7 +266,20 @@ def run(config: TrainConfig, data: Dataset, *, writer=None, progress=True, log=N
         total_steps=total_steps, grad_stats=grad_stats,
     )  # fmt: skip
     graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
-    train_epoch = make_train_epoch(graphdef, batch_size)
+    batch_sharding = None
+    if config.devices > 1:  # data parallel: state and data replicated, each batch split
+        if batch_size % config.devices:
+            raise ValueError(
+                f"the batch size {batch_size} (--limit-train {n} images) must be divisible by "
+                f"--devices {config.devices}"
+            )
+        devices = jax.local_devices()[: config.devices]
+        mesh = jax.make_mesh((config.devices,), ("data",), (AxisType.Auto,), devices=devices)
+        batch_sharding = NamedSharding(mesh, P(None, "data"))
+        state, x_train, y_train = jax.device_put(
+            (state, x_train, y_train), NamedSharding(mesh, P())
+        )
+    train_epoch = make_train_epoch(graphdef, batch_size, batch_sharding)
 
     def train(state, epoch):
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), epoch)
