@@ -96,19 +96,16 @@ class Incremental:
     def start(self, params):
         return tuple(self.stack.activations(params)[0])
 
-    def _propagate(self, params, cache, change):
-        """(channel o, the new channel after each of layers k .. m-1, the new output of m or None)."""
-        layers, k, m = self.stack.layers, self.k, self.m
+    def _channels(self, params, cache, change):
+        """(channel o, its new values after each of layers k .. m-1)."""
+        layers, k = self.stack.layers, self.k
         o, col = layers[k].column(cache[k], self.kshape, change.index)
         h = _channel(cache[k + 1], o) + change.delta.astype(cache[k + 1].dtype) * col
         chans = [h]
-        for layer in layers[k + 1: m]:
+        for layer in layers[k + 1: self.m]:
             h = layer.one_channel(params, h, o)
             chans.append(h)
-        out_m = None
-        if self.linear_m:
-            out_m = layers[m].add_input_channel(params, cache[m + 1], h - _channel(cache[m], o), o)
-        return o, chans, out_m
+        return o, chans
 
     def loss(self, params, cache, change):
         k, m = self.k, self.m
@@ -116,22 +113,25 @@ class Incremental:
             out = self.stack.layers[k].add_column(cache[k + 1], cache[k], self.kshape, change.index,
                                                   change.delta)
             return self.stack.from_layer(k + 1, params, out)
-        o, chans, out_m = self._propagate(params, cache, change)
+        o, chans = self._channels(params, cache, change)
         if self.linear_m:
+            d = chans[-1] - _channel(cache[m], o)
+            out_m = self.stack.layers[m].add_input_channel(params, cache[m + 1], d, o)
             return self.stack.from_layer(m + 1, params, out_m)
         return self.stack.from_layer(m, params, _set_channel(cache[m], o, chans[-1]))
 
     def commit(self, params, cache, change, apply):
-        def write(cache):
-            o, chans, out_m = self._propagate(params, cache, change)
-            cache = list(cache)
-            for j, h in enumerate(chans):
-                cache[self.k + 1 + j] = _set_channel(cache[self.k + 1 + j], o, h)
-            if out_m is not None:
-                cache[self.m + 1] = out_m
-            return tuple(cache)
-
-        return jax.lax.cond(apply, write, lambda c: tuple(c), cache)
+        """Write the moved channel where ``apply``; slice-sized selects, no full-width copy."""
+        m = self.m
+        o, chans = self._channels(params, cache, change)
+        cache = list(cache)
+        if self.linear_m:  # add the channel's change only where applied (else exact zeros)
+            d = jnp.where(apply, chans[-1] - _channel(cache[m], o), 0.0)
+            cache[m + 1] = self.stack.layers[m].add_input_channel(params, cache[m + 1], d, o)
+        for j, h in enumerate(chans):
+            x = cache[self.k + 1 + j]
+            cache[self.k + 1 + j] = _set_channel(x, o, jnp.where(apply, h, _channel(x, o)))
+        return tuple(cache)
 
 
 def make_evaluator(value_fn: Any, per_weight_batch: bool, fast_path: str, k: int | None,
