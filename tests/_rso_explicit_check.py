@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_neuron as on
 
@@ -50,12 +51,13 @@ def main() -> None:
     for name, kind in (("explicit", AxisType.Explicit), ("auto", AxisType.Auto)):
         mesh = jax.make_mesh((4,), ("x",), axis_types=(kind,))
         kernel = NamedSharding(mesh, P(None, "x"))
-        ps = jax.tree.map(lambda a: jax.device_put(a, kernel), params)
-        xs, ys = jax.device_put(x, NamedSharding(mesh, P())), jax.device_put(y, NamedSharding(mesh, P()))
+        ps = jax.tree.map(lambda a, kernel=kernel: jax.device_put(a, kernel), params)
+        rep = NamedSharding(mesh, P())
+        xs, ys = jax.device_put(x, rep), jax.device_put(y, rep)
         try:
             with jax.set_mesh(mesh) if kind == AxisType.Explicit else _null():
                 p1, s1, u1 = run(ps, xs, ys)
-        except Exception as e:  # reported, asserted by the test
+        except Exception as e:  # noqa: BLE001 (reported, asserted by the test)
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             continue
         diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))

@@ -31,13 +31,15 @@ def _bn(name):
 
 relu = channelwise(lambda p, h: jax.nn.relu(h))
 pool = channelwise(lambda p, h: h.reshape(h.shape[0], h.shape[1] // 2, 2, h.shape[2] // 2, 2,
-                                          h.shape[3]).mean(axis=(2, 4)))
+                                          h.shape[3]).mean(axis=(2, 4)))  # 2x2 average
 global_pool = channelwise(lambda p, h: h.mean(axis=(1, 2)))
 
 
 def _net(ch=4):
-    params = {"conv0": {"kernel": jnp.zeros((3, 3, 1, ch))}, "conv1": {"kernel": jnp.zeros((3, 3, ch, ch))},
-              "conv2": {"kernel": jnp.zeros((3, 3, ch, ch))}, "head": {"kernel": jnp.zeros((ch, 5))}}
+    params = {"conv0": {"kernel": jnp.zeros((3, 3, 1, ch))},
+              "conv1": {"kernel": jnp.zeros((3, 3, ch, ch))},
+              "conv2": {"kernel": jnp.zeros((3, 3, ch, ch))},
+              "head": {"kernel": jnp.zeros((ch, 5))}}
     for i in range(3):
         params[f"bn{i}"] = {"scale": jnp.ones(ch), "bias": jnp.zeros(ch)}
     params = rso_init(jax.random.key(0), params)

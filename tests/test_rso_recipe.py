@@ -36,7 +36,7 @@ def reference_recipe(params, loss, *, seed, weights_per_step, calls, sigma, anne
 
     Returns (params, cursor, cycle, accepted) after every call.
     """
-    get = lambda tree, path: tree[path.split("/")[0]][path.split("/")[1]]  # noqa: E731
+    get = lambda tree, path: tree[path.split("/")[0]][path.split("/")[1]]
     cur = jax.tree.map(lambda v: np.array(v, np.float32), params)
     positions = [(path, flat) for path, order in visit for flat in order]
     total = len(positions)
@@ -52,7 +52,8 @@ def reference_recipe(params, loss, *, seed, weights_per_step, calls, sigma, anne
         for _ in range(weights_per_step):
             path, flat = positions[cursor]
             idx = np.unravel_index(flat, get(cur, path).shape)
-            k_step = jax.random.split(jax.random.fold_in(jax.random.fold_in(base, cycle), cursor))[0]
+            k = jax.random.fold_in(jax.random.fold_in(base, cycle), cursor)
+            k_step = jax.random.split(k)[0]
             z = np.float32(jax.random.normal(k_step, (), jnp.float32))
             dw = np.float32(np.float32(sigma[path]) * np.float32(anneal(cycle))) * z
             w = np.float32(get(start, path)[idx] + get(upd, path)[idx])
@@ -171,8 +172,10 @@ def test_conv_net_official_order_matches_reference():
     # leaf order: dense first, then convs last to first, each kernel before its BN shift/scale.
     ch = 3
     params = rso_init(jax.random.key(3), {
-        "conv0": {"kernel": jnp.zeros((3, 3, 1, ch))}, "bn0": {"scale": jnp.ones(ch), "bias": jnp.zeros(ch)},
-        "conv1": {"kernel": jnp.zeros((3, 3, ch, ch))}, "bn1": {"scale": jnp.ones(ch), "bias": jnp.zeros(ch)},
+        "conv0": {"kernel": jnp.zeros((3, 3, 1, ch))},
+        "bn0": {"scale": jnp.ones(ch), "bias": jnp.zeros(ch)},
+        "conv1": {"kernel": jnp.zeros((3, 3, ch, ch))},
+        "bn1": {"scale": jnp.ones(ch), "bias": jnp.zeros(ch)},
         "head": {"kernel": jnp.zeros((ch, 4))}})
     kx, ky = jax.random.split(jax.random.key(4))
     x, y = jax.random.normal(kx, (8, 6, 6, 1)), jax.random.randint(ky, (8,), 0, 4)
@@ -200,7 +203,7 @@ def test_conv_net_official_order_matches_reference():
              ("conv0/kernel", _neuron_order_conv((3, 3, 1, ch))),
              ("bn0/bias", list(range(ch))), ("bn0/scale", list(range(ch)))]
     conv1 = list(itertools.chain(*[v for _, v in visit[1:2]]))
-    assert conv1[:3] == [0, 9, 18] and conv1[9] == 3  # o = 0: input channel 0 at 9 positions, then 1
+    assert conv1[:3] == [0, 9, 18] and conv1[9] == 3  # o = 0: in-channel 0 at 9 positions, then 1
     ref = reference_recipe(params, lambda p: jloss(p), seed=7, weights_per_step=40, calls=4,
                            sigma=sigma, anneal=_anneal_py, visit=visit, weight_decay=1e-2)
     _compare(got, ref)

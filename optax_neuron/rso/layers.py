@@ -120,7 +120,7 @@ jax.tree_util.register_pytree_node_class(LayerStack)
 
 
 class LinearLayer:
-    """A layer ``h -> A(W, h)`` linear in one kernel ``W`` (see :func:`dense_layer`, :func:`conv_layer`).
+    """A layer ``h -> A(W, h)`` linear in one kernel ``W`` (dense_layer, conv_layer).
 
     In a :class:`LayerStack` searched with ``fast_path="incremental"``, a candidate
     change ``delta`` of one kernel element ``W[.., i, o]`` is applied to the cached
@@ -175,7 +175,7 @@ class LinearLayer:
         return jax.lax.dynamic_update_index_in_dim(out, new, o, axis=out.ndim - 1)
 
     def add_input_channel(self, params, out, d, channel):
-        """``out + A(W[..., channel:channel+1, :], d)``: input channel ``channel`` changed by ``d``."""
+        """``out + A(W[..., c:c+1, :], d)``: input channel ``c = channel`` changed by ``d``."""
         w = leaf_at(params, self.kernel)
         axis = w.ndim - 2
         w_c = jax.lax.dynamic_index_in_dim(w, channel, axis=axis, keepdims=True)

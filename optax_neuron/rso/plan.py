@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ import numpy as np
 
 from optax_neuron.fan_in import fan_in_size, first_match, path_str, resolve_fan_in
 
-SigmaSpec = Union[None, float, str, Sequence[tuple[str, Union[float, str, None]]]]
+SigmaSpec = None | float | str | Sequence[tuple[str, float | str | None]]
 
 _ALWAYS = ("kernel", "w", "scale", "offset")
 _BIAS = ("bias", "b")
@@ -117,7 +117,7 @@ def make_plan(params: Any, search: Any, order: Any, within: str = "row-major",
         rules = check_rules("search", search)
         flags = [bool(first_match(p, rules)[1]) for p in paths]
     searched = [i for i, (f, x) in enumerate(zip(flags, leaves))
-                if f and x is not None and math.prod(jnp.shape(x)) > 0]  # zero-size: nothing to visit
+                if f and x is not None and math.prod(jnp.shape(x)) > 0]  # zero-size: skipped
     for i in searched:
         dtype = jnp.result_type(leaves[i])
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -136,7 +136,8 @@ def make_plan(params: Any, search: Any, order: Any, within: str = "row-major",
                             f"got {order!r}")
         visit = []
         for g in order:
-            visit += [i for i in searched if i not in visit and first_match(paths[i], [(g, True)])[0]]
+            visit += [i for i in searched
+                      if i not in visit and first_match(paths[i], [(g, True)])[0]]
         missing = [paths[i] for i in searched if i not in visit]
         if missing:
             raise ValueError(f"order= globs {list(order)} match no entry for searched "

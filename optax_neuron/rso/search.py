@@ -97,8 +97,8 @@ def _weight(s: Search, mine, j, i, work, upd) -> _Weight:
     idx = {t: jnp.clip(s.plan.flat_index(t, jnp.clip(i, 0, int(s.plan.sizes[t]) - 1)), 0,
                        int(s.plan.sizes[t]) - 1) for t in mine}
     committed = {t: s.p0[t][idx[t]] + upd[t][idx[t]] for t in mine}
-    dec = {t: rule.decayed(upd[t][idx[t]], committed[t], s.weight_decay) if s.decay else upd[t][idx[t]]
-           for t in mine}
+    dec = {t: rule.decayed(upd[t][idx[t]], committed[t], s.weight_decay) if s.decay
+           else upd[t][idx[t]] for t in mine}
     return _Weight(idx, committed, dec)
 
 

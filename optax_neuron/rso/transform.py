@@ -13,7 +13,14 @@ import optax
 
 from optax_neuron.fan_in import fan_in_size, resolve_fan_in
 from optax_neuron.rso.layers import LayerStack
-from optax_neuron.rso.plan import SigmaSpec, check_rules, is_none, make_plan, owners, sigma_of
+from optax_neuron.rso.plan import (
+    SigmaSpec,
+    check_rules,
+    is_none,
+    make_plan,
+    owners,
+    sigma_of,
+)
 from optax_neuron.rso.search import Search, run
 
 _STATIC = "static_args=('seed', 'weights_per_step', 'speculate', 'sigma', 'anneal', 'order', " \
@@ -230,8 +237,8 @@ def rso(
         try:
             out = jax.eval_shape(value_fn, params, *key_args)
         except TypeError as e:
-            raise TypeError(f"rso: calling value_fn({'params, key' if per_weight_batch else 'params'})"
-                            f" failed: {e}") from e
+            args = "params, key" if per_weight_batch else "params"
+            raise TypeError(f"rso: calling value_fn({args}) failed: {e}") from e
         if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype,
                                                                               jnp.floating):
             raise ValueError(f"rso: value_fn must return a scalar floating loss, got {out}")
@@ -292,7 +299,8 @@ def rso_init(key: jax.Array, params: Any, fan_in: Any = None) -> Any:
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> p = rso_init(jax.random.key(0), {"d": {"kernel": jnp.zeros((800, 4)), "bias": jnp.zeros(4)}})
+      >>> tree = {"d": {"kernel": jnp.zeros((800, 4)), "bias": jnp.zeros(4)}}
+      >>> p = rso_init(jax.random.key(0), tree)
       >>> round(float(p["d"]["kernel"].std()), 2), float(p["d"]["bias"].sum())
       (0.05, 0.0)
     """
