@@ -42,8 +42,10 @@ def run(params, x, y, weights=40, steps=3):
 def main() -> None:
     assert jax.device_count() == 4
     rng = np.random.default_rng(0)
-    params = on.rso_init(jax.random.key(0), {"dense": {"kernel": jnp.zeros((6, 8))},
-                                             "out": {"kernel": jnp.zeros((8, 4))}})
+    params = on.rso_init(
+        jax.random.key(0),
+        {"dense": {"kernel": jnp.zeros((6, 8))}, "out": {"kernel": jnp.zeros((8, 4))}},
+    )
     x = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
     y = jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)
     p0, s0, _ = run(params, x, y)
@@ -60,8 +62,10 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 (reported, asserted by the test)
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             continue
-        diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                   for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)))
+        diff = max(
+            float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+            for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1))
+        )
         out[name] = {
             "max_param_diff": diff,
             "accepted": {k: int(v) for k, v in s1.rso_accepted.items()},

@@ -30,23 +30,38 @@ def _bn(name):
 
 
 relu = channelwise(lambda p, h: jax.nn.relu(h))
-pool = channelwise(lambda p, h: h.reshape(h.shape[0], h.shape[1] // 2, 2, h.shape[2] // 2, 2,
-                                          h.shape[3]).mean(axis=(2, 4)))  # 2x2 average
+pool = channelwise(
+    lambda p, h: h.reshape(h.shape[0], h.shape[1] // 2, 2, h.shape[2] // 2, 2, h.shape[3]).mean(
+        axis=(2, 4)
+    )
+)  # 2x2 average
 global_pool = channelwise(lambda p, h: h.mean(axis=(1, 2)))
 
 
 def _net(ch=4):
-    params = {"conv0": {"kernel": jnp.zeros((3, 3, 1, ch))},
-              "conv1": {"kernel": jnp.zeros((3, 3, ch, ch))},
-              "conv2": {"kernel": jnp.zeros((3, 3, ch, ch))},
-              "head": {"kernel": jnp.zeros((ch, 5))}}
+    params = {
+        "conv0": {"kernel": jnp.zeros((3, 3, 1, ch))},
+        "conv1": {"kernel": jnp.zeros((3, 3, ch, ch))},
+        "conv2": {"kernel": jnp.zeros((3, 3, ch, ch))},
+        "head": {"kernel": jnp.zeros((ch, 5))},
+    }
     for i in range(3):
         params[f"bn{i}"] = {"scale": jnp.ones(ch), "bias": jnp.zeros(ch)}
     params = rso_init(jax.random.key(0), params)
     # the official layout: conv, [pool], BN; ReLU opens the next conv; global pool, dense
-    layers = [conv_layer("conv0/kernel"), _bn("bn0"), relu, conv_layer("conv1/kernel"), pool,
-              _bn("bn1"), relu, conv_layer("conv2/kernel"), _bn("bn2"), global_pool,
-              dense_layer("head/kernel")]
+    layers = [
+        conv_layer("conv0/kernel"),
+        _bn("bn0"),
+        relu,
+        conv_layer("conv1/kernel"),
+        pool,
+        _bn("bn1"),
+        relu,
+        conv_layer("conv2/kernel"),
+        _bn("bn2"),
+        global_pool,
+        dense_layer("head/kernel"),
+    ]
     return params, layers
 
 
@@ -71,8 +86,10 @@ def test_incremental_loss_and_commit_match_full_evaluation(k, path, m):
     @jax.jit
     def check(flat, delta):
         cache = ev.start(params)
-        moved = {**params, path: {"kernel": params[path]["kernel"].ravel().at[flat].add(delta)
-                                  .reshape(kshape)}}
+        moved = {
+            **params,
+            path: {"kernel": params[path]["kernel"].ravel().at[flat].add(delta).reshape(kshape)},
+        }
         change = Change(flat, delta, jax.random.key(0))
         got = ev.loss(moved, cache, change)
         kept = ev.commit(moved, cache, change, False)
@@ -89,8 +106,9 @@ def test_incremental_loss_and_commit_match_full_evaluation(k, path, m):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert len(committed) == m + 2 - k  # the cache holds the inputs of layers k .. m+1
         for j in range(k + 1, m + 2):  # applied: the cached activations of the moved params
-            np.testing.assert_allclose(np.asarray(committed[j - k]), np.asarray(acts[j]), rtol=1e-4,
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                np.asarray(committed[j - k]), np.asarray(acts[j]), rtol=1e-4, atol=1e-5
+            )
     print(f"{path}: max relative loss difference {worst:.2e}")
 
 
@@ -119,8 +137,9 @@ def test_channelwise_search_matches_black_box():
         # rounding-only loss differences: on this setup no decision flips, the weights are equal
         for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pb)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        assert {k: int(v) for k, v in sf.rso_accepted.items()} == \
-            {k: int(v) for k, v in sb.rso_accepted.items()}
+        assert {k: int(v) for k, v in sf.rso_accepted.items()} == {
+            k: int(v) for k, v in sb.rso_accepted.items()
+        }
         np.testing.assert_allclose(float(sf.rso_loss), float(sb.rso_loss), rtol=RTOL)
 
 
@@ -131,4 +150,5 @@ def test_channelwise_bad_input():
         channelwise(lambda p, h: h, per_channel="bn/scale")
     with pytest.raises(ValueError, match="nope/scale"):
         channelwise(lambda p, h: h * p["nope"]["scale"], per_channel=["nope/scale"]).one_channel(
-            {"bn": {"scale": jnp.ones(2)}}, jnp.ones((1, 1)), 0)
+            {"bn": {"scale": jnp.ones(2)}}, jnp.ones((1, 1)), 0
+        )

@@ -96,7 +96,7 @@ class Incremental:
     def start(self, params):
         """The activations entering layers ``k .. m+1`` (only what the segment reads: a
         smaller loop carry, and no copy of unrelated activations per weight)."""
-        return tuple(self.stack.activations(params)[0][self.k: self.m + 2])
+        return tuple(self.stack.activations(params)[0][self.k : self.m + 2])
 
     def _channels(self, params, cache, change):
         """(channel o, its new values after each of layers k .. m-1)."""
@@ -104,7 +104,7 @@ class Incremental:
         o, col = layers[k].column(cache[0], self.kshape, change.index)
         h = _channel(cache[1], o) + change.delta.astype(cache[1].dtype) * col
         chans = [h]
-        for layer in layers[k + 1: self.m]:
+        for layer in layers[k + 1 : self.m]:
             h = layer.one_channel(params, h, o)
             chans.append(h)
         return o, chans
@@ -112,8 +112,9 @@ class Incremental:
     def loss(self, params, cache, change):
         k, m = self.k, self.m
         if m == k + 1 and not self.linear_m:  # nothing channel-wise after: one added column
-            out = self.stack.layers[k].add_column(cache[1], cache[0], self.kshape, change.index,
-                                                  change.delta)
+            out = self.stack.layers[k].add_column(
+                cache[1], cache[0], self.kshape, change.index, change.delta
+            )
             return self.stack.from_layer(k + 1, params, out)
         o, chans = self._channels(params, cache, change)
         if self.linear_m:
@@ -137,8 +138,13 @@ class Incremental:
         return tuple(cache)
 
 
-def make_evaluator(value_fn: Any, per_weight_batch: bool, fast_path: str, k: int | None,
-                   kshape: tuple[int, ...] | None):
+def make_evaluator(
+    value_fn: Any,
+    per_weight_batch: bool,
+    fast_path: str,
+    k: int | None,
+    kshape: tuple[int, ...] | None,
+):
     """The evaluator of a segment owned by layer ``k`` (``None``: black box)."""
     if k is None:
         return BlackBox(value_fn, per_weight_batch)
