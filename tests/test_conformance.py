@@ -114,7 +114,7 @@ CASES = [
     Case("running_mean_ema_emit_mean", on.running_gradient_mean, {"decay": 0.9}, {"emit": "mean"}, "direction",
          ("gradient_mean",)),
     Case("gradient_norms", on.gradient_norms, {}, {}, "monitor", ("gradient_norm", "gradient_neuron_norm")),
-    Case("rso", on.rso, {}, {"seed": 0, "weights_per_step": 3, "speculate": 1, "search": [("*", True)]}, "rso"),
+    Case("rso", on.rso, {"weight_decay": 1e-3}, {"seed": 0, "weights_per_step": 3, "speculate": 1, "search": [("*", True)]}, "rso"),
 ]
 IDS = [c.name for c in CASES]
 GRADIENT_CASES = [c for c in CASES if c.kind != "rso"]

@@ -56,5 +56,14 @@ from optax_neuron.rso.layers import (
 )
 from optax_neuron.rso.transform import RSOState, rso, rso_init
 
-__all__ = ["ChannelwiseLayer", "LayerStack", "LinearLayer", "RSOState", "channelwise",
-           "conv_layer", "dense_layer", "rso", "rso_init"]
+__all__ = [
+    "ChannelwiseLayer",
+    "LayerStack",
+    "LinearLayer",
+    "RSOState",
+    "channelwise",
+    "conv_layer",
+    "dense_layer",
+    "rso",
+    "rso_init",
+]

@@ -56,11 +56,11 @@ class CachedStack:
     def __init__(self, stack: LayerStack, k: int):
         self.stack, self.k = stack, k
 
-    def start(self, params):
-        return tuple(self.stack.activations(params)[0])
+    def start(self, params):  # only what the segment reads: the owner's input
+        return (self.stack.activations(params)[0][self.k],)
 
     def loss(self, params, cache, change):
-        return self.stack.from_layer(self.k, params, cache[self.k])
+        return self.stack.from_layer(self.k, params, cache[0])
 
     def commit(self, params, cache, change, apply):
         return cache
@@ -94,48 +94,57 @@ class Incremental:
         self.linear_m = m < len(stack.layers) and isinstance(stack.layers[m], LinearLayer)
 
     def start(self, params):
-        return tuple(self.stack.activations(params)[0])
+        """The activations entering layers ``k .. m+1`` (only what the segment reads: a
+        smaller loop carry, and no copy of unrelated activations per weight)."""
+        return tuple(self.stack.activations(params)[0][self.k : self.m + 2])
 
-    def _propagate(self, params, cache, change):
-        """(channel o, the new channel after each of layers k .. m-1, the new output of m or None)."""
-        layers, k, m = self.stack.layers, self.k, self.m
-        o, col = layers[k].column(cache[k], self.kshape, change.index)
-        h = _channel(cache[k + 1], o) + change.delta.astype(cache[k + 1].dtype) * col
+    def _channels(self, params, cache, change):
+        """(channel o, its new values after each of layers k .. m-1)."""
+        layers, k = self.stack.layers, self.k
+        o, col = layers[k].column(cache[0], self.kshape, change.index)
+        h = _channel(cache[1], o) + change.delta.astype(cache[1].dtype) * col
         chans = [h]
-        for layer in layers[k + 1: m]:
+        for layer in layers[k + 1 : self.m]:
             h = layer.one_channel(params, h, o)
             chans.append(h)
-        out_m = None
-        if self.linear_m:
-            out_m = layers[m].add_input_channel(params, cache[m + 1], h - _channel(cache[m], o), o)
-        return o, chans, out_m
+        return o, chans
 
     def loss(self, params, cache, change):
         k, m = self.k, self.m
         if m == k + 1 and not self.linear_m:  # nothing channel-wise after: one added column
-            out = self.stack.layers[k].add_column(cache[k + 1], cache[k], self.kshape, change.index,
-                                                  change.delta)
+            out = self.stack.layers[k].add_column(
+                cache[1], cache[0], self.kshape, change.index, change.delta
+            )
             return self.stack.from_layer(k + 1, params, out)
-        o, chans, out_m = self._propagate(params, cache, change)
+        o, chans = self._channels(params, cache, change)
         if self.linear_m:
+            d = chans[-1] - _channel(cache[m - k], o)
+            out_m = self.stack.layers[m].add_input_channel(params, cache[m + 1 - k], d, o)
             return self.stack.from_layer(m + 1, params, out_m)
-        return self.stack.from_layer(m, params, _set_channel(cache[m], o, chans[-1]))
+        return self.stack.from_layer(m, params, _set_channel(cache[m - k], o, chans[-1]))
 
     def commit(self, params, cache, change, apply):
-        def write(cache):
-            o, chans, out_m = self._propagate(params, cache, change)
-            cache = list(cache)
-            for j, h in enumerate(chans):
-                cache[self.k + 1 + j] = _set_channel(cache[self.k + 1 + j], o, h)
-            if out_m is not None:
-                cache[self.m + 1] = out_m
-            return tuple(cache)
+        """Write the moved channel where ``apply``; slice-sized selects, no full-width copy."""
+        k, m = self.k, self.m
+        o, chans = self._channels(params, cache, change)
+        cache = list(cache)
+        if self.linear_m:  # add the channel's change only where applied (else exact zeros)
+            d = jnp.where(apply, chans[-1] - _channel(cache[m - k], o), 0.0)
+            out = cache[m + 1 - k]
+            cache[m + 1 - k] = self.stack.layers[m].add_input_channel(params, out, d, o)
+        for j, h in enumerate(chans):
+            x = cache[1 + j]
+            cache[1 + j] = _set_channel(x, o, jnp.where(apply, h, _channel(x, o)))
+        return tuple(cache)
 
-        return jax.lax.cond(apply, write, lambda c: tuple(c), cache)
 
-
-def make_evaluator(value_fn: Any, per_weight_batch: bool, fast_path: str, k: int | None,
-                   kshape: tuple[int, ...] | None):
+def make_evaluator(
+    value_fn: Any,
+    per_weight_batch: bool,
+    fast_path: str,
+    k: int | None,
+    kshape: tuple[int, ...] | None,
+):
     """The evaluator of a segment owned by layer ``k`` (``None``: black box)."""
     if k is None:
         return BlackBox(value_fn, per_weight_batch)

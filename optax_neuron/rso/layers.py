@@ -25,8 +25,14 @@ import jax.numpy as jnp
 
 from optax_neuron.fan_in import path_str
 
-__all__ = ["ChannelwiseLayer", "LayerStack", "LinearLayer", "channelwise", "conv_layer",
-           "dense_layer"]
+__all__ = [
+    "ChannelwiseLayer",
+    "LayerStack",
+    "LinearLayer",
+    "channelwise",
+    "conv_layer",
+    "dense_layer",
+]
 
 
 def _is_none(x: Any) -> bool:
@@ -83,8 +89,9 @@ class LayerStack:
       144.0
     """
 
-    def __init__(self, layers: Sequence[Callable], loss: Callable, inputs: Any,
-                 targets: Any = None):
+    def __init__(
+        self, layers: Sequence[Callable], loss: Callable, inputs: Any, targets: Any = None
+    ):
         self.layers = tuple(layers)
         self.loss = loss
         self.inputs = inputs
@@ -120,7 +127,7 @@ jax.tree_util.register_pytree_node_class(LayerStack)
 
 
 class LinearLayer:
-    """A layer ``h -> A(W, h)`` linear in one kernel ``W`` (see :func:`dense_layer`, :func:`conv_layer`).
+    """A layer ``h -> A(W, h)`` linear in one kernel ``W`` (dense_layer, conv_layer).
 
     In a :class:`LayerStack` searched with ``fast_path="incremental"``, a candidate
     change ``delta`` of one kernel element ``W[.., i, o]`` is applied to the cached
@@ -130,8 +137,9 @@ class LinearLayer:
     (:meth:`add_input_channel`), instead of re-running the layer.
     """
 
-    def __init__(self, kernel: str, kind: str, padding: Any = "SAME",
-                 conv_fn: Callable | None = None):
+    def __init__(
+        self, kernel: str, kind: str, padding: Any = "SAME", conv_fn: Callable | None = None
+    ):
         self.kernel, self.kind, self.padding, self.conv_fn = kernel, kind, padding, conv_fn
 
     def apply(self, w: jax.Array, h: jax.Array) -> jax.Array:
@@ -175,7 +183,7 @@ class LinearLayer:
         return jax.lax.dynamic_update_index_in_dim(out, new, o, axis=out.ndim - 1)
 
     def add_input_channel(self, params, out, d, channel):
-        """``out + A(W[..., channel:channel+1, :], d)``: input channel ``channel`` changed by ``d``."""
+        """``out + A(W[..., c:c+1, :], d)``: input channel ``c = channel`` changed by ``d``."""
         w = leaf_at(params, self.kernel)
         axis = w.ndim - 2
         w_c = jax.lax.dynamic_index_in_dim(w, channel, axis=axis, keepdims=True)
@@ -250,6 +258,7 @@ def channelwise(fn: Callable, per_channel: Sequence[str] = ()) -> ChannelwiseLay
     if not callable(fn):
         raise TypeError(f"channelwise: fn must be a callable f(params, h), got {fn!r}")
     if isinstance(per_channel, str) or not all(isinstance(p, str) for p in per_channel):
-        raise TypeError(f"channelwise: per_channel must be a list of parameter paths, got "
-                        f"{per_channel!r}")
+        raise TypeError(
+            f"channelwise: per_channel must be a list of parameter paths, got {per_channel!r}"
+        )
     return ChannelwiseLayer(fn, per_channel)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ import numpy as np
 
 from optax_neuron.fan_in import fan_in_size, first_match, path_str, resolve_fan_in
 
-SigmaSpec = Union[None, float, str, Sequence[tuple[str, Union[float, str, None]]]]
+SigmaSpec = None | float | str | Sequence[tuple[str, float | str | None]]
 
 _ALWAYS = ("kernel", "w", "scale", "offset")
 _BIAS = ("bias", "b")
@@ -106,8 +106,9 @@ def _axis_order(shape: tuple[int, ...], axes: tuple[int, ...], within: str) -> l
     return outs + [fan[-1]] + fan[:-1]
 
 
-def make_plan(params: Any, search: Any, order: Any, within: str = "row-major",
-              fan_in: Any = None) -> tuple[Plan, list]:
+def make_plan(
+    params: Any, search: Any, order: Any, within: str = "row-major", fan_in: Any = None
+) -> tuple[Plan, list]:
     leaves_p, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)
     paths = tuple(path_str(p) for p, _ in leaves_p)
     leaves = [x for _, x in leaves_p]
@@ -116,46 +117,59 @@ def make_plan(params: Any, search: Any, order: Any, within: str = "row-major",
     else:
         rules = check_rules("search", search)
         flags = [bool(first_match(p, rules)[1]) for p in paths]
-    searched = [i for i, (f, x) in enumerate(zip(flags, leaves))
-                if f and x is not None and math.prod(jnp.shape(x)) > 0]  # zero-size: nothing to visit
+    searched = [
+        i
+        for i, (f, x) in enumerate(zip(flags, leaves))
+        if f and x is not None and math.prod(jnp.shape(x)) > 0
+    ]  # zero-size: skipped
     for i in searched:
         dtype = jnp.result_type(leaves[i])
         if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"rso searches parameter {paths[i]!r} but its dtype is {dtype}; "
-                            "only floating leaves can be searched (exclude it with search=)")
+            raise TypeError(
+                f"rso searches parameter {paths[i]!r} but its dtype is {dtype}; "
+                "only floating leaves can be searched (exclude it with search=)"
+            )
     if not searched:
-        raise ValueError(f"rso: no parameter is searched (paths: {list(paths)[:8]}); "
-                         "pass search=[(glob, True), ...]")
+        raise ValueError(
+            f"rso: no parameter is searched (paths: {list(paths)[:8]}); "
+            "pass search=[(glob, True), ...]"
+        )
     if order is None or order == "reverse":
         visit = searched[::-1]
     elif order == "forward":
         visit = list(searched)
     else:
         if isinstance(order, str) or not all(isinstance(g, str) for g in order):
-            raise TypeError(f"order= must be None, 'reverse', 'forward' or a list of globs, "
-                            f"got {order!r}")
+            raise TypeError(
+                f"order= must be None, 'reverse', 'forward' or a list of globs, got {order!r}"
+            )
         visit = []
         for g in order:
-            visit += [i for i in searched if i not in visit and first_match(paths[i], [(g, True)])[0]]
+            visit += [
+                i for i in searched if i not in visit and first_match(paths[i], [(g, True)])[0]
+            ]
         missing = [paths[i] for i in searched if i not in visit]
         if missing:
-            raise ValueError(f"order= globs {list(order)} match no entry for searched "
-                             f"parameter(s) {missing}; add a glob for them or exclude them "
-                             "with search=")
+            raise ValueError(
+                f"order= globs {list(order)} match no entry for searched "
+                f"parameter(s) {missing}; add a glob for them or exclude them "
+                "with search="
+            )
     shapes = tuple(tuple(int(d) for d in jnp.shape(leaves[i])) for i in visit)
     axes_leaves = [()] * len(leaves)
     if within == "neuron":
         axes_leaves = treedef.flatten_up_to(resolve_fan_in(fan_in, params))
     digits, strides = [], []
     for i, shape in zip(visit, shapes):
-        row = [int(np.prod(shape[a + 1:])) for a in range(len(shape))]
+        row = [int(np.prod(shape[a + 1 :])) for a in range(len(shape))]
         perm = _axis_order(shape, tuple(axes_leaves[i] or ()), within)
         digits.append(tuple(shape[a] for a in perm))
         strides.append(tuple(row[a] for a in perm))
     sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    return Plan(treedef, paths, tuple(visit), shapes, sizes, starts, tuple(digits),
-                tuple(strides)), leaves
+    return Plan(
+        treedef, paths, tuple(visit), shapes, sizes, starts, tuple(digits), tuple(strides)
+    ), leaves
 
 
 def sigma_of(spec: SigmaSpec, path: str, leaf: Any, axes: Any) -> Any:
@@ -180,12 +194,19 @@ def sigma_of(spec: SigmaSpec, path: str, leaf: Any, axes: Any) -> Any:
             raise ValueError(
                 f"rso: sigma 'he' for parameter {path!r} needs fan-in axes, and it has none "
                 f"(a bias or norm parameter); give it a step, e.g. sigma=[({path!r}, 0.167), "
-                "('*', 'he')]")
+                "('*', 'he')]"
+            )
         return jnp.float32(math.sqrt(2.0 / fan_in_size(jnp.shape(leaf), axes)))
-    if isinstance(value, str) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value <= 0:
-        raise ValueError(f"rso: sigma for parameter {path!r} must be a positive finite float, "
-                         f"'he' or None, got {value!r}")
+    if (
+        isinstance(value, str)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"rso: sigma for parameter {path!r} must be a positive finite float, "
+            f"'he' or None, got {value!r}"
+        )
     return jnp.float32(value)
 
 
@@ -193,11 +214,13 @@ def owners(stack: Any, params: Any, leaves: list, treedef: Any) -> list[int]:
     """For every parameter leaf, the first layer of ``stack`` reading it (len(layers) if none)."""
     n_layers = len(stack.layers)
     owner = [n_layers] * len(leaves)
-    h = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
-                     stack.inputs)
-    avals = [None if x is None else jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-             for x in leaves]
+    h = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), stack.inputs)
+    avals = [
+        None if x is None else jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+        for x in leaves
+    ]
     for k, f in enumerate(stack.layers):
+
         def g(flat, x, f=f):
             return f(jax.tree_util.tree_unflatten(treedef, flat), x)
 

@@ -5,9 +5,10 @@ of one searched leaf inside the call's budget), each an inner ``while_loop`` ove
 the weights of that leaf. The evaluator of a segment is chosen statically per owner
 layer (``lax.switch``), see :mod:`optax_neuron.rso.evaluators`.
 
-The sequential loop does one loss evaluation per iteration: phase 0 scores ``w``
-(only when the current loss is not known: a fresh batch per weight, or a weight
-decay), phase 1 ``w + dw``, phase 2 ``w - dw`` and then applies the choice rule.
+The sequential loop visits one weight per iteration: it scores ``w`` (only when the
+current loss is not known: the first weight of a call, a fresh batch per weight, or a
+weight decay), ``w + dw`` and ``w - dw`` in a small ``fori_loop`` (one copy of the loss
+code), applies the choice rule and commits the result to the evaluator's cache once.
 The speculative loop scores the candidates of the next ``m`` weights against the
 same base in one ``vmap`` and accepts the first improving one.
 """
@@ -37,7 +38,7 @@ class Carry(NamedTuple):
     upd: list  # update accumulated in this call (raveled)
     accepted: jax.Array  # accepted proposals per visited leaf in this call
     losses: jax.Array  # (3,): F(w), F(w + dw), F(w - dw) of the current weight
-    phase: jax.Array  # which of them the next evaluation computes
+    phase: jax.Array  # the first candidate to score for the next weight (0: w itself)
     cache: tuple = ()
 
 
@@ -71,8 +72,11 @@ class Search:
         return jax.tree_util.tree_unflatten(self.plan.treedef, out)
 
     def step(self, cycle: jax.Array, j: jax.Array) -> jax.Array:
-        factor = jnp.float32(1.0) if self.anneal is None else jnp.asarray(self.anneal(cycle),
-                                                                          jnp.float32)
+        factor = (
+            jnp.float32(1.0)
+            if self.anneal is None
+            else jnp.asarray(self.anneal(cycle), jnp.float32)
+        )
         return self.sigma[j] * factor
 
 
@@ -93,11 +97,19 @@ class _Weight(NamedTuple):
 
 
 def _weight(s: Search, mine, j, i, work, upd) -> _Weight:
-    idx = {t: jnp.clip(s.plan.flat_index(t, jnp.clip(i, 0, int(s.plan.sizes[t]) - 1)), 0,
-                       int(s.plan.sizes[t]) - 1) for t in mine}
+    idx = {
+        t: jnp.clip(
+            s.plan.flat_index(t, jnp.clip(i, 0, int(s.plan.sizes[t]) - 1)),
+            0,
+            int(s.plan.sizes[t]) - 1,
+        )
+        for t in mine
+    }
     committed = {t: s.p0[t][idx[t]] + upd[t][idx[t]] for t in mine}
-    dec = {t: rule.decayed(upd[t][idx[t]], committed[t], s.weight_decay) if s.decay else upd[t][idx[t]]
-           for t in mine}
+    dec = {
+        t: rule.decayed(upd[t][idx[t]], committed[t], s.weight_decay) if s.decay else upd[t][idx[t]]
+        for t in mine
+    }
     return _Weight(idx, committed, dec)
 
 
@@ -127,29 +139,41 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
     cache = ev.start(s.tree_of(carry.work)) if k is not None else ()
 
     def body(c: Carry) -> Carry:
+        """One weight: score the candidates from ``c.phase`` on, choose, commit."""
         i = c.cursor - starts[j]
         wt = _weight(s, mine, j, i, c.work, c.upd)
         k_batch = rule.weight_key(s.base, c.cycle, c.cursor)[1]
         dw = rule.draw(s.base, c.cycle, c.cursor, s.step(c.cycle, j))
-        trial, _ = _candidate(s, mine, wt, signs[c.phase] * dw)
-        work = _set(c.work, mine, j, wt.idx, trial, True)
-        change = Change(wt.idx[mine[0]] if len(mine) == 1 else
-                        sum(jnp.where(j == t, wt.idx[t], 0) for t in mine),
-                        _delta(mine, j, trial, wt.committed), k_batch)
-        losses = c.losses.at[c.phase].set(ev.loss(s.tree_of(work), c.cache, change))
-        last = c.phase == 2
+        index = sum(jnp.where(j == t, wt.idx[t], 0) for t in mine)
+
+        def score(phase):
+            trial, _ = _candidate(s, mine, wt, signs[phase] * dw)
+            work = _set(c.work, mine, j, wt.idx, trial, True)
+            change = Change(index, _delta(mine, j, trial, wt.committed), k_batch)
+            return ev.loss(s.tree_of(work), c.cache, change).astype(c.losses.dtype)
+
+        # a static unroll: no inner loop capturing the (large) cache, which XLA would copy
+        losses = jnp.stack([c.losses[0] if p < s.first_phase else score(p) for p in range(3)])
         ch = rule.choose(losses[0], losses[1], losses[2])
         final, u_new = _candidate(s, mine, wt, ch.sign * dw)
-        work = _set(work, mine, j, wt.idx, final, last)
-        upd = _set(c.upd, mine, j, wt.idx, u_new, last)
-        moved = last & (ch.accepted | s.decay)
-        cache = ev.commit(s.tree_of(work), c.cache,
-                          change._replace(delta=_delta(mine, j, final, wt.committed)), moved)
+        work = _set(c.work, mine, j, wt.idx, final, True)
+        moved = ch.accepted | s.decay
+        cache = ev.commit(
+            s.tree_of(work),
+            c.cache,
+            Change(index, _delta(mine, j, final, wt.committed), k_batch),
+            moved,
+        )
         return c._replace(
-            cursor=c.cursor + last, done=c.done + last, work=work, upd=upd,
-            accepted=c.accepted.at[j].add((last & ch.accepted).astype(jnp.int32)),
-            losses=jnp.where(last, losses.at[0].set(ch.best), losses),
-            phase=jnp.where(last, s.first_phase, c.phase + 1), cache=cache)
+            cursor=c.cursor + 1,
+            done=c.done + 1,
+            work=work,
+            upd=_set(c.upd, mine, j, wt.idx, u_new, True),
+            accepted=c.accepted.at[j].add(ch.accepted.astype(jnp.int32)),
+            losses=jnp.full_like(losses, ch.best),
+            phase=jnp.int32(s.first_phase),
+            cache=cache,
+        )
 
     def round_body(c: Carry) -> Carry:
         m = s.speculate
@@ -165,14 +189,18 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
         def candidate(ir, sign_dw, key):
             wt = _weight(s, mine, j, ir, c.work, c.upd)
             trial, _ = _candidate(s, mine, wt, sign_dw)
-            change = Change(sum(jnp.where(j == t, wt.idx[t], 0) for t in mine),
-                            _delta(mine, j, trial, wt.committed), key)
+            change = Change(
+                sum(jnp.where(j == t, wt.idx[t], 0) for t in mine),
+                _delta(mine, j, trial, wt.committed),
+                key,
+            )
             return ev.loss(s.tree_of(_set(c.work, mine, j, wt.idx, trial, True)), c.cache, change)
 
-        cand = signs[s.first_phase:]
+        cand = signs[s.first_phase :]
         ns = cand.shape[0]
-        flat = jax.vmap(candidate)(jnp.repeat(i, ns), (cand[None, :] * dw[:, None]).ravel(),
-                                   k_batch[jnp.repeat(r, ns)])
+        flat = jax.vmap(candidate)(
+            jnp.repeat(i, ns), (cand[None, :] * dw[:, None]).ravel(), k_batch[jnp.repeat(r, ns)]
+        )
         vals = flat.reshape(m, ns).astype(c.losses.dtype)
         keep = jnp.broadcast_to(c.losses[0], (m,)) if s.first_phase else vals[:, 0]
         ch = jax.vmap(rule.choose)(keep, vals[:, -2], vals[:, -1])
@@ -183,41 +211,58 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
         wt = _weight(s, mine, j, i[first], c.work, c.upd)
         final, u_new = _candidate(s, mine, wt, ch.sign[first] * dw[first])
         work = _set(c.work, mine, j, wt.idx, final, hit)
-        change = Change(sum(jnp.where(j == t, wt.idx[t], 0) for t in mine),
-                        _delta(mine, j, final, wt.committed), k_batch[first])
+        change = Change(
+            sum(jnp.where(j == t, wt.idx[t], 0) for t in mine),
+            _delta(mine, j, final, wt.committed),
+            k_batch[first],
+        )
         return c._replace(
-            cursor=c.cursor + consumed, done=c.done + consumed, work=work,
+            cursor=c.cursor + consumed,
+            done=c.done + consumed,
+            work=work,
             upd=_set(c.upd, mine, j, wt.idx, u_new, hit),
             accepted=c.accepted.at[j].add(hit.astype(jnp.int32)),
             losses=c.losses.at[0].set(ch.best[consumed - 1]),
-            cache=ev.commit(s.tree_of(work), c.cache, change, hit))
+            cache=ev.commit(s.tree_of(work), c.cache, change, hit),
+        )
 
     def cond(c: Carry) -> jax.Array:
         return (c.done < s.weights_per_step) & (c.cursor < seg_end)
 
     losses, phase = carry.losses, carry.phase
-    if s.speculate > 1 and not s.per_weight_batch:  # the current loss, if not known, unbatched
+    if s.first_phase == 1:  # the current loss, if not known yet, once before the loop
         k0 = rule.weight_key(s.base, carry.cycle, carry.cursor)[1]
         change0 = Change(jnp.int32(0), jnp.float32(0.0), k0)
         cur = jax.lax.cond(
             phase == 0,
             lambda: ev.loss(s.tree_of(carry.work), cache, change0).astype(losses.dtype),
-            lambda: losses[0])
+            lambda: losses[0],
+        )
         losses, phase = jnp.stack([cur, cur, cur]), jnp.int32(s.first_phase)
     inner = carry._replace(losses=jnp.stack([losses[0]] * 3), phase=phase, cache=cache)
     out = jax.lax.while_loop(cond, round_body if s.speculate > 1 else body, inner)
     wrap = out.cursor >= plan.total
-    return out._replace(cursor=jnp.where(wrap, 0, out.cursor),
-                        cycle=jnp.where(wrap, out.cycle + 1, out.cycle), cache=())
+    return out._replace(
+        cursor=jnp.where(wrap, 0, out.cursor),
+        cycle=jnp.where(wrap, out.cycle + 1, out.cycle),
+        cache=(),
+    )
 
 
 def run(s: Search, cursor, cycle, loss_dtype) -> Carry:
     """Search the next ``weights_per_step`` weights; the final outer carry."""
     nv = len(s.plan.visit)
     ends = jnp.asarray(s.plan.starts + s.plan.sizes, jnp.int32)
-    carry = Carry(cursor, cycle, jnp.int32(0), list(s.p0), [jnp.zeros_like(x) for x in s.p0],
-                  jnp.zeros([nv], jnp.int32), jnp.full([3], jnp.nan, loss_dtype),
-                  jnp.int32(0))
+    carry = Carry(
+        cursor,
+        cycle,
+        jnp.int32(0),
+        list(s.p0),
+        [jnp.zeros_like(x) for x in s.p0],
+        jnp.zeros([nv], jnp.int32),
+        jnp.full([3], jnp.nan, loss_dtype),
+        jnp.int32(0),
+    )
 
     def outer(c: Carry) -> Carry:
         if s.owner is None:

@@ -13,11 +13,20 @@ import optax
 
 from optax_neuron.fan_in import fan_in_size, resolve_fan_in
 from optax_neuron.rso.layers import LayerStack
-from optax_neuron.rso.plan import SigmaSpec, check_rules, is_none, make_plan, owners, sigma_of
+from optax_neuron.rso.plan import (
+    SigmaSpec,
+    check_rules,
+    is_none,
+    make_plan,
+    owners,
+    sigma_of,
+)
 from optax_neuron.rso.search import Search, run
 
-_STATIC = "static_args=('seed', 'weights_per_step', 'speculate', 'sigma', 'anneal', 'order', " \
-          "'search', 'within', 'fan_in')"
+_STATIC = (
+    "static_args=('seed', 'weights_per_step', 'speculate', 'sigma', 'anneal', 'order', "
+    "'search', 'within', 'fan_in')"
+)
 
 
 class RSOState(NamedTuple):
@@ -75,7 +84,8 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, jax.Array):
         raise TypeError(
             f"rso: {name} shapes the search and must be a Python int, got a JAX array; under "
-            f"optax.inject_hyperparams list it in static_args, e.g. {_STATIC}")
+            f"optax.inject_hyperparams list it in static_args, e.g. {_STATIC}"
+        )
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"rso: {name} must be a positive int, got {value!r}")
     return int(value)
@@ -166,8 +176,10 @@ def rso(
     if isinstance(speculate, jax.Array):
         _positive_int("speculate", speculate)
     if not isinstance(speculate, (int, np.integer)) or isinstance(speculate, bool) or speculate < 1:
-        raise ValueError(f"rso: speculate must be a positive int (1 = off, m > 1 = m weights "
-                         f"per batched evaluation), got {speculate!r}")
+        raise ValueError(
+            f"rso: speculate must be a positive int (1 = off, m > 1 = m weights "
+            f"per batched evaluation), got {speculate!r}"
+        )
     speculate = int(speculate)
     if sigma is not None and isinstance(sigma, (list, tuple)):
         check_rules("sigma", sigma)
@@ -176,8 +188,9 @@ def rso(
     if search is not None:
         check_rules("search", search)
     if fast_path not in ("incremental", "cache", "off"):
-        raise ValueError(f"rso: fast_path must be 'incremental', 'cache' or 'off', got "
-                         f"{fast_path!r}")
+        raise ValueError(
+            f"rso: fast_path must be 'incremental', 'cache' or 'off', got {fast_path!r}"
+        )
     if within not in ("row-major", "neuron"):
         raise ValueError(f"rso: within must be 'row-major' or 'neuron', got {within!r}")
     if anneal is not None and not callable(anneal):
@@ -187,23 +200,33 @@ def rso(
     else:
         if isinstance(weight_decay, jax.Array) and weight_decay.shape == ():
             weight_decay = float(weight_decay)
-        if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) \
-                or not 0 <= weight_decay < 1:
+        if (
+            not isinstance(weight_decay, (int, float))
+            or isinstance(weight_decay, bool)
+            or not 0 <= weight_decay < 1
+        ):
             raise ValueError(f"rso: weight_decay must be a float in [0, 1), got {weight_decay!r}")
         weight_decay = float(weight_decay)
         decay = weight_decay != 0.0
     if decay and speculate > 1:
-        raise ValueError("rso: speculate > 1 assumes a rejected weight leaves the parameters "
-                         "unchanged, which a weight_decay breaks; use speculate=1")
+        raise ValueError(
+            "rso: speculate > 1 assumes a rejected weight leaves the parameters "
+            "unchanged, which a weight_decay breaks; use speculate=1"
+        )
 
     def init_fn(params):
         plan, leaves = make_plan(params, search, order, within, fan_in)
-        needs_axes = sigma == "he" or (isinstance(sigma, (list, tuple))
-                                       and any(v == "he" for _, v in sigma))
-        axes = plan.treedef.flatten_up_to(resolve_fan_in(fan_in, params)) if needs_axes \
+        needs_axes = sigma == "he" or (
+            isinstance(sigma, (list, tuple)) and any(v == "he" for _, v in sigma)
+        )
+        axes = (
+            plan.treedef.flatten_up_to(resolve_fan_in(fan_in, params))
+            if needs_axes
             else [()] * len(leaves)
-        sig = {plan.paths[i]: sigma_of(sigma, plan.paths[i], leaves[i], axes[i])
-               for i in plan.visit}
+        )
+        sig = {
+            plan.paths[i]: sigma_of(sigma, plan.paths[i], leaves[i], axes[i]) for i in plan.visit
+        }
         return RSOState(
             rso_cursor=jnp.zeros([], jnp.int32),
             rso_cycle=jnp.zeros([], jnp.int32),
@@ -215,27 +238,38 @@ def rso(
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del updates, extra_args
         if params is None:
-            raise ValueError("rso needs the current parameters: call update(updates, state, "
-                             "params, value_fn=...)")
+            raise ValueError(
+                "rso needs the current parameters: call update(updates, state, "
+                "params, value_fn=...)"
+            )
         if value_fn is None or not callable(value_fn):
             raise ValueError(
                 "rso needs value_fn=, the loss of the parameters on the current minibatch: "
                 "update(updates, state, params, value_fn=lambda p: loss(p, batch))"
-                + (" (or value_fn(params, key) with per_weight_batch=True)"
-                   if per_weight_batch else ""))
+                + (
+                    " (or value_fn(params, key) with per_weight_batch=True)"
+                    if per_weight_batch
+                    else ""
+                )
+            )
         plan, leaves = make_plan(params, search, order, within, fan_in)
         missing = [plan.paths[i] for i in plan.visit if plan.paths[i] not in state.rso_sigma]
         if missing:
-            raise ValueError(f"rso: parameters {missing} are searched but not in the state; was "
-                             "init called with these params?")
+            raise ValueError(
+                f"rso: parameters {missing} are searched but not in the state; was "
+                "init called with these params?"
+            )
         key_args = (jax.random.key(0),) if per_weight_batch else ()
         try:
             out = jax.eval_shape(value_fn, params, *key_args)
         except TypeError as e:
-            raise TypeError(f"rso: calling value_fn({'params, key' if per_weight_batch else 'params'})"
-                            f" failed: {e}") from e
-        if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype,
-                                                                              jnp.floating):
+            args = "params, key" if per_weight_batch else "params"
+            raise TypeError(f"rso: calling value_fn({args}) failed: {e}") from e
+        if (
+            not hasattr(out, "shape")
+            or out.shape != ()
+            or not jnp.issubdtype(out.dtype, jnp.floating)
+        ):
             raise ValueError(f"rso: value_fn must return a scalar floating loss, got {out}")
         layered = isinstance(value_fn, LayerStack) and fast_path != "off" and not per_weight_batch
         gathered = [_gathered(leaves[i]) for i in plan.visit]
@@ -247,25 +281,45 @@ def rso(
             tree = jax.tree_util.tree_unflatten(plan.treedef, leaves)
             all_owners = owners(value_fn, tree, leaves, plan.treedef)
             owner = tuple(min(all_owners[i], len(value_fn.layers) - 1) for i in plan.visit)
-        s = Search(plan=plan, leaves=leaves, p0=p0,
-                   sigma=jnp.stack([state.rso_sigma[plan.paths[i]] for i in plan.visit]
-                                   ).astype(jnp.float32),
-                   base=jax.random.key(seed), anneal=anneal, weights_per_step=weights_per_step,
-                   weight_decay=weight_decay, decay=decay, per_weight_batch=per_weight_batch,
-                   speculate=speculate, value_fn=value_fn, fast_path=fast_path, owner=owner)
+        s = Search(
+            plan=plan,
+            leaves=leaves,
+            p0=p0,
+            sigma=jnp.stack([state.rso_sigma[plan.paths[i]] for i in plan.visit]).astype(
+                jnp.float32
+            ),
+            base=jax.random.key(seed),
+            anneal=anneal,
+            weights_per_step=weights_per_step,
+            weight_decay=weight_decay,
+            decay=decay,
+            per_weight_batch=per_weight_batch,
+            speculate=speculate,
+            value_fn=value_fn,
+            fast_path=fast_path,
+            owner=owner,
+        )
         end = run(s, state.rso_cursor, state.rso_cycle, out.dtype)
 
-        new = [None if x is None else jnp.zeros_like(x) for x in jax.tree_util.tree_flatten(
-            params, is_leaf=is_none)[0]]
+        new = [
+            None if x is None else jnp.zeros_like(x)
+            for x in jax.tree_util.tree_flatten(params, is_leaf=is_none)[0]
+        ]
         for t, i in enumerate(plan.visit):
             u = end.upd[t].reshape(plan.shapes[t])
             spec = gathered[t][1]
             new[i] = u if spec is None else jax.sharding.reshard(u, spec)
-        accepted = {plan.paths[i]: state.rso_accepted[plan.paths[i]] + end.accepted[t]
-                    for t, i in enumerate(plan.visit)}
+        accepted = {
+            plan.paths[i]: state.rso_accepted[plan.paths[i]] + end.accepted[t]
+            for t, i in enumerate(plan.visit)
+        }
         return jax.tree_util.tree_unflatten(plan.treedef, new), RSOState(
-            rso_cursor=end.cursor, rso_cycle=end.cycle, rso_sigma=state.rso_sigma,
-            rso_accepted=accepted, rso_loss=jnp.asarray(end.losses[0], jnp.float32))
+            rso_cursor=end.cursor,
+            rso_cycle=end.cycle,
+            rso_sigma=state.rso_sigma,
+            rso_accepted=accepted,
+            rso_loss=jnp.asarray(end.losses[0], jnp.float32),
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -294,7 +348,8 @@ def rso_init(key: jax.Array, params: Any, fan_in: Any = None) -> Any:
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> p = rso_init(jax.random.key(0), {"d": {"kernel": jnp.zeros((800, 4)), "bias": jnp.zeros(4)}})
+      >>> tree = {"d": {"kernel": jnp.zeros((800, 4)), "bias": jnp.zeros(4)}}
+      >>> p = rso_init(jax.random.key(0), tree)
       >>> round(float(p["d"]["kernel"].std()), 2), float(p["d"]["bias"].sum())
       (0.05, 0.0)
     """
