@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train each optimizer on the same seed and data; one curve each")
     p.add_argument("--rso-batch-size", type=_positive("--rso-batch-size"), default=5000,
                    help="RSO minibatch (one per chunk of searched weights); default 5000 as in the paper's code")
+    p.add_argument("--rso-fresh-batch", default="chunk", choices=("chunk", "weight"),
+                   help="RSO: a fresh minibatch per chunk of weights (default) or per weight, as the official code")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
 
@@ -131,6 +133,7 @@ def _config(args, optimizer: str, checkpoint: str | None):
         resume=args.resume,
         hidden=args.hidden,
         rso_batch_size=args.rso_batch_size,
+        rso_fresh_batch=args.rso_fresh_batch,
     )
 
 

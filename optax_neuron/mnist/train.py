@@ -147,6 +147,7 @@ class TrainConfig:
     rso_batch_size: int = 5000
     stop_after: int | None = None  # end after this many epochs as if interrupted (tests)
     rso_chunk: int = 1000
+    rso_fresh_batch: str = "chunk"  # RSO: a fresh minibatch per chunk of weights, or per "weight"
     eval_batch_size: int = 1000
 
 
