@@ -23,14 +23,13 @@ function). The plain loop and the application at batch 256 run interleaved in
 one process, ``--repeats`` times; the medians are printed.
 
     python benchmarks/bench_rso.py                  # full run (the plain loop is long)
-    python benchmarks/bench_rso.py --quick          # smoke run: 2 channels, batch 32
+    python benchmarks/bench_rso.py --quick          # smoke run: 2 channels, batch 32, chunk mode only
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -54,7 +53,9 @@ def paper_params(key: jax.Array, channels: int = 16) -> dict:
         params[f"conv{i}"] = {"kernel": std * jax.random.normal(keys[i], (3, 3, c_in, channels))}
         params[f"norm{i}"] = {"scale": jnp.ones(channels), "bias": jnp.zeros(channels)}
         c_in = channels
-    params["head"] = {"kernel": np.sqrt(2.0 / channels) * jax.random.normal(keys[6], (channels, 10))}
+    params["head"] = {
+        "kernel": np.sqrt(2.0 / channels) * jax.random.normal(keys[6], (channels, 10))
+    }
     return params
 
 
@@ -69,14 +70,20 @@ def _avg_pool(h: jax.Array) -> jax.Array:
     return h.reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
 
 
-def paper_forward(params: dict, x: jax.Array, conv: Callable = jax.lax.conv_general_dilated) -> jax.Array:
+def paper_forward(
+    params: dict, x: jax.Array, conv: Callable = jax.lax.conv_general_dilated
+) -> jax.Array:
     """Logits of the paper net (official layout, batch statistics); ``lax.conv`` by default."""
     h = x
     for i in range(6):
         if i > 0:
             h = jax.nn.relu(h)
         h = conv(
-            h, params[f"conv{i}"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            h,
+            params[f"conv{i}"]["kernel"],
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         if i in (1, 3):
             h = _avg_pool(h)
@@ -142,7 +149,7 @@ class PlainLoop:
         self.order = official_order(params)
         self.steps = {(m, n): plain_step(m, n, _sigma(params, m, n)) for m, n, _ in self.order}
         key = jax.random.key(0)
-        for (m, n), f in self.steps.items():  # compile every leaf's function
+        for f in self.steps.values():  # compile every leaf's function
             jax.block_until_ready(f(params, 0, key, x, y))
         self.weights = sum(len(idx) for *_, idx in self.order)
         self.calls = 0
@@ -181,16 +188,21 @@ class AppCycle:
         model = make_model("rso-paper", nnx.Rngs(0), channels=channels)
         model.train()
         self.x, self.y = x_train, y_train
-        self.search = RSOSearch(model, x_train, y_train, batch=batch, cycles=50, chunk=chunk,
-                                fresh_batch=fresh_batch)
+        self.search = RSOSearch(
+            model, x_train, y_train, batch=batch, cycles=50, chunk=chunk, fresh_batch=fresh_batch
+        )
         self.params, self.state = self.search.params, self.search.state
         self.weights, self.done = self.search.total, 0
         perm = jnp.arange(x_train.shape[0])
-        jax.block_until_ready(self.search._step(self.params, self.state, self.x, self.y, perm, 0))  # compile
+        jax.block_until_ready(
+            self.search._step(self.params, self.state, self.x, self.y, perm, 0)
+        )  # compile
 
     def cycle(self) -> float:
         t = time.perf_counter()
-        self.params, self.state = self.search.cycle(self.params, self.state, self.done, self.x, self.y)
+        self.params, self.state = self.search.cycle(
+            self.params, self.state, self.done, self.x, self.y
+        )
         jax.block_until_ready(self.params)
         self.done += 1
         return time.perf_counter() - t
@@ -210,26 +222,42 @@ def _mnist(limit: int | None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 channels, batch 32, 2000 images")
-    ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds of plain loop + app at batch 256")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 2 channels, batch 32, 2000 images"
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="interleaved rounds of plain loop + app at batch 256"
+    )
     ap.add_argument("--batches", default="256,1000,5000", help="application batches (chunk mode)")
-    ap.add_argument("--weight-batches", default="256", help="application batches with a fresh batch per weight")
-    ap.add_argument("--no-plain", action="store_true", help="skip the plain loop (no speed-up column)")
+    ap.add_argument(
+        "--weight-batches", default="256", help="application batches with a fresh batch per weight"
+    )
+    ap.add_argument(
+        "--no-plain", action="store_true", help="skip the plain loop (no speed-up column)"
+    )
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     channels, limit = (2, 2000) if args.quick else (16, None)
     batches = [32] if args.quick else [int(b) for b in args.batches.split(",") if b]
-    weight_batches = [32] if args.quick else [int(b) for b in args.weight_batches.split(",") if b]
+    weight_batches = [] if args.quick else [int(b) for b in args.weight_batches.split(",") if b]
     x_train, y_train = _mnist(limit)
     mean = jnp.mean(x_train)
     base_batch = batches[0]
-    print(f"## RSO whole cycles, paper net ({channels} channels), device {jax.devices()[0].platform}", flush=True)
+    print(
+        f"## RSO whole cycles, paper net ({channels} channels), device {jax.devices()[0].platform}",
+        flush=True,
+    )
     plain = None
     if not args.no_plain:
-        plain = PlainLoop(paper_params(jax.random.key(0), channels), x_train[:base_batch] - mean,
-                          y_train[:base_batch])
-    apps = {("chunk", b): AppCycle(x_train, y_train, batch=b, channels=channels) for b in batches[:1]}
+        plain = PlainLoop(
+            paper_params(jax.random.key(0), channels),
+            x_train[:base_batch] - mean,
+            y_train[:base_batch],
+        )
+    apps = {
+        ("chunk", b): AppCycle(x_train, y_train, batch=b, channels=channels) for b in batches[:1]
+    }
     times: dict = {"plain": [], **{k: [] for k in apps}}
     for _ in range(args.repeats):  # interleaved: plain loop, application at the base batch
         if plain is not None:
@@ -237,27 +265,42 @@ def main(argv=None):
             print(f"plain loop, batch {base_batch}: {times['plain'][-1]:.1f} s", flush=True)
         for k, app in apps.items():
             times[k].append(app.cycle())
-            print(f"application, fresh batch per {k[0]}, batch {k[1]}: {times[k][-1]:.1f} s", flush=True)
+            print(
+                f"application, fresh batch per {k[0]}, batch {k[1]}: {times[k][-1]:.1f} s",
+                flush=True,
+            )
     for mode, bs in (("chunk", batches[1:]), ("weight", weight_batches)):
         for b in bs:
             app = AppCycle(x_train, y_train, batch=b, channels=channels, fresh_batch=mode)
             times[(mode, b)] = [app.cycle()]
             apps[(mode, b)] = app
-            print(f"application, fresh batch per {mode}, batch {b}: {times[(mode, b)][-1]:.1f} s", flush=True)
+            print(
+                f"application, fresh batch per {mode}, batch {b}: {times[(mode, b)][-1]:.1f} s",
+                flush=True,
+            )
     weights = next(iter(apps.values())).weights
     base = statistics.median(times["plain"]) if plain is not None else float("nan")
-    print(f"\n{weights} searched weights per cycle; whole cycles, median of {args.repeats} interleaved round(s) "
-          "for the plain loop and the first application row, one cycle for the others")
+    print(
+        f"\n{weights} searched weights per cycle; whole cycles, median of {args.repeats} interleaved round(s) "
+        "for the plain loop and the first application row, one cycle for the others"
+    )
     print("| method | batch | s/cycle | plain loop / method |")
     print("|---|---:|---:|---:|")
     if plain is not None:
-        print(f"| plain loop (3 full lax.conv passes per weight, jitted per leaf) | {base_batch} | {base:.1f} | 1.0x |")
+        print(
+            f"| plain loop (3 full lax.conv passes per weight, jitted per leaf) | {base_batch} | {base:.1f} | 1.0x |"
+        )
     for (mode, b), ts in [(k, v) for k, v in times.items() if k != "plain"]:
         med = statistics.median(ts)
         ratio = f"{base / med:.1f}x" if b == base_batch else "(other batch)"
         print(f"| application, fresh batch per {mode} | {b} | {med:.1f} | {ratio} |")
-    return {"plain": base, **{f"{m}@{b}": statistics.median(v) for (m, b), v in
-                             [(k, v) for k, v in times.items() if k != "plain"]}}
+    return {
+        "plain": base,
+        **{
+            f"{m}@{b}": statistics.median(v)
+            for (m, b), v in [(k, v) for k, v in times.items() if k != "plain"]
+        },
+    }
 
 
 if __name__ == "__main__":

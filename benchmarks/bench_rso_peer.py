@@ -45,9 +45,9 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_rso import paper_forward, paper_params  # noqa: E402
+from bench_rso import paper_forward, paper_params
 
-from optax_neuron.mnist.models import patch_conv  # noqa: E402
+from optax_neuron.mnist.models import patch_conv
 
 
 def forward_with_stats(params: dict, x: jax.Array, calib: jax.Array) -> jax.Array:
@@ -67,7 +67,11 @@ def forward_with_stats(params: dict, x: jax.Array, calib: jax.Array) -> jax.Arra
         if i > 0:
             h = jax.nn.relu(h)
         h = patch_conv(
-            h, params[f"conv{i}"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            h,
+            params[f"conv{i}"]["kernel"],
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         if i in (1, 3):
             b, hh, ww, c = h.shape
@@ -80,8 +84,21 @@ def _ce(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def run_pgpe(data, mean, *, budget, pop, batch, std_init, lr, max_velocity, eval_every, seed=0,
-             test_limit=None, log=print):
+def run_pgpe(
+    data,
+    mean,
+    *,
+    budget,
+    pop,
+    batch,
+    std_init,
+    lr,
+    max_velocity,
+    eval_every,
+    seed=0,
+    test_limit=None,
+    log=print,
+):
     """PGPE for ``budget`` seconds of search; returns the list of evaluation records."""
     from evosax.algorithms import PGPE
     from evosax.core.optimizer import clipup
@@ -92,7 +109,11 @@ def run_pgpe(data, mean, *, budget, pop, batch, std_init, lr, max_velocity, eval
     y_test = jnp.asarray(data.test_labels[:test_limit])
     calib = x_train[:2000]
     init = paper_params(jax.random.key(seed))
-    es = PGPE(population_size=pop, solution=init, optimizer=clipup(learning_rate=lr, max_velocity=max_velocity))
+    es = PGPE(
+        population_size=pop,
+        solution=init,
+        optimizer=clipup(learning_rate=lr, max_velocity=max_velocity),
+    )
     es_params = es.default_params.replace(std_init=std_init)
     key = jax.random.key(seed + 1)
     state = es.init(key, init, es_params)
@@ -124,7 +145,14 @@ def run_pgpe(data, mean, *, budget, pop, batch, std_init, lr, max_velocity, eval
 
     jax.block_until_ready(generation(state, key))  # compile (the result is discarded)
     jax.block_until_ready(test_accuracy(state))
-    records = [{"wall_time": 0.0, "generation": 0, "images": 0, "test_accuracy": float(test_accuracy(state))}]
+    records = [
+        {
+            "wall_time": 0.0,
+            "generation": 0,
+            "images": 0,
+            "test_accuracy": float(test_accuracy(state)),
+        }
+    ]
     spent, gen, next_eval = 0.0, 0, eval_every
     while spent < budget:
         t = time.perf_counter()
@@ -134,9 +162,18 @@ def run_pgpe(data, mean, *, budget, pop, batch, std_init, lr, max_velocity, eval
         gen += 1
         if spent >= next_eval or spent >= budget:
             acc = float(test_accuracy(state))
-            records.append({"wall_time": spent, "generation": gen, "images": gen * pop * batch,
-                            "train_loss": loss, "test_accuracy": acc})
-            log(f"pgpe: {spent:7.1f} s, generation {gen}, mean population loss {loss:.4f}, test acc {acc:.4f}")
+            records.append(
+                {
+                    "wall_time": spent,
+                    "generation": gen,
+                    "images": gen * pop * batch,
+                    "train_loss": loss,
+                    "test_accuracy": acc,
+                }
+            )
+            log(
+                f"pgpe: {spent:7.1f} s, generation {gen}, mean population loss {loss:.4f}, test acc {acc:.4f}"
+            )
             next_eval += eval_every
     return records
 
@@ -149,7 +186,14 @@ def rso_records(path: str) -> tuple[list[dict], dict]:
     for e in doc["epochs"]:
         spent += e["epoch_time"]
         images += 3 * e["rso_weights"] * batch
-        out.append({"wall_time": spent, "images": images, "test_accuracy": e["test_accuracy"], "cycle": e["epoch"]})
+        out.append(
+            {
+                "wall_time": spent,
+                "images": images,
+                "test_accuracy": e["test_accuracy"],
+                "cycle": e["epoch"],
+            }
+        )
     return out, doc["config"]
 
 
@@ -160,10 +204,17 @@ def plot(pgpe: list[dict], rso: list[dict] | None, path: str, title: str) -> Non
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, key, label in ((axes[0], "wall_time", "search time (s)"), (axes[1], "images", "image forward passes")):
-        ax.plot([r[key] for r in pgpe], [r["test_accuracy"] for r in pgpe], ".-", label="evosax PGPE")
+    for ax, key, label in (
+        (axes[0], "wall_time", "search time (s)"),
+        (axes[1], "images", "image forward passes"),
+    ):
+        ax.plot(
+            [r[key] for r in pgpe], [r["test_accuracy"] for r in pgpe], ".-", label="evosax PGPE"
+        )
         if rso:
-            ax.plot([r[key] for r in rso], [r["test_accuracy"] for r in rso], "o-", label="RSO (app)")
+            ax.plot(
+                [r[key] for r in rso], [r["test_accuracy"] for r in rso], "o-", label="RSO (app)"
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
@@ -179,13 +230,21 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smoke run: 10 s budget, small population")
     ap.add_argument("--budget", type=float, default=1200.0, help="seconds of search (default 1200)")
     ap.add_argument("--pop", type=int, default=64, help="population size (even; default 64)")
-    ap.add_argument("--batch", type=int, default=256, help="training images per generation (default 256)")
+    ap.add_argument(
+        "--batch", type=int, default=256, help="training images per generation (default 256)"
+    )
     ap.add_argument("--std-init", type=float, default=0.05)
     ap.add_argument("--lr", type=float, default=0.02, help="ClipUp learning rate")
     ap.add_argument("--max-velocity", type=float, default=0.04, help="ClipUp maximum step norm")
-    ap.add_argument("--eval-every", type=float, default=60.0, help="seconds of search between test evaluations")
-    ap.add_argument("--rso", default=None, metavar="METRICS_JSON", help="an RSO app run to plot beside PGPE")
-    ap.add_argument("--out", default=None, metavar="PNG", help="write the plot here (and the records as .json)")
+    ap.add_argument(
+        "--eval-every", type=float, default=60.0, help="seconds of search between test evaluations"
+    )
+    ap.add_argument(
+        "--rso", default=None, metavar="METRICS_JSON", help="an RSO app run to plot beside PGPE"
+    )
+    ap.add_argument(
+        "--out", default=None, metavar="PNG", help="write the plot here (and the records as .json)"
+    )
     args = ap.parse_args(argv)
     if args.pop < 2 or args.pop % 2:
         ap.error(f"--pop must be an even number >= 2, got {args.pop}")
@@ -194,22 +253,44 @@ def main(argv=None):
     data = load_mnist()
     mean = float(np.mean(data.train_images))
     if args.quick:
-        args.budget, args.pop, args.batch, args.eval_every = 5.0, 8, 32, 2.5
-    records = run_pgpe(data, mean, budget=args.budget, pop=args.pop, batch=args.batch, std_init=args.std_init,
-                       lr=args.lr, max_velocity=args.max_velocity, eval_every=args.eval_every,
-                       test_limit=1000 if args.quick else None)
+        args.budget, args.pop, args.batch, args.eval_every = 2.0, 8, 32, 1.0
+    records = run_pgpe(
+        data,
+        mean,
+        budget=args.budget,
+        pop=args.pop,
+        batch=args.batch,
+        std_init=args.std_init,
+        lr=args.lr,
+        max_velocity=args.max_velocity,
+        eval_every=args.eval_every,
+        test_limit=1000 if args.quick else None,
+    )
     rso = rso_records(args.rso)[0] if args.rso else None
-    print(f"\n## evosax PGPE on the paper net: pop {args.pop}, batch {args.batch}, budget {args.budget:g} s, "
-          f"device {jax.devices()[0].platform}")
+    print(
+        f"\n## evosax PGPE on the paper net: pop {args.pop}, batch {args.batch}, budget {args.budget:g} s, "
+        f"device {jax.devices()[0].platform}"
+    )
     print("| method | search time (s) | image forward passes | test accuracy |")
     print("|---|---:|---:|---:|")
     for r in records[1:]:
-        print(f"| PGPE gen {r['generation']} | {r['wall_time']:.0f} | {r['images']:.3g} | {r['test_accuracy']:.4f} |")
+        print(
+            f"| PGPE gen {r['generation']} | {r['wall_time']:.0f} | {r['images']:.3g} | {r['test_accuracy']:.4f} |"
+        )
     for r in rso or []:
-        print(f"| RSO cycle {r['cycle']} | {r['wall_time']:.0f} | {r['images']:.3g} | {r['test_accuracy']:.4f} |")
+        print(
+            f"| RSO cycle {r['cycle']} | {r['wall_time']:.0f} | {r['images']:.3g} | {r['test_accuracy']:.4f} |"
+        )
     if args.out:
-        plot(records, rso, args.out, f"paper MNIST net, CPU: PGPE pop {args.pop} batch {args.batch} vs RSO")
-        Path(args.out).with_suffix(".json").write_text(json.dumps({"pgpe": records, "rso": rso}, indent=1))
+        plot(
+            records,
+            rso,
+            args.out,
+            f"paper MNIST net, CPU: PGPE pop {args.pop} batch {args.batch} vs RSO",
+        )
+        Path(args.out).with_suffix(".json").write_text(
+            json.dumps({"pgpe": records, "rso": rso}, indent=1)
+        )
         print(f"plot: {args.out}")
     return records
 

@@ -63,10 +63,14 @@ def rso_layers(model: nnx.Sequential) -> list[Callable]:
     layers: list[Callable] = []
     for i, layer in enumerate(model.layers):
         if isinstance(layer, nnx.Conv):
-            strides = layer.strides if isinstance(layer.strides, (tuple, list)) else (layer.strides or 1,)
+            strides = (
+                layer.strides if isinstance(layer.strides, (tuple, list)) else (layer.strides or 1,)
+            )
             if any(int(s) != 1 for s in strides) or layer.feature_group_count != 1:
                 raise ValueError(f"rso_layers: layers/{i} is not a stride-1 ungrouped convolution")
-            layers.append(on.conv_layer(f"layers/{i}/kernel", padding=layer.padding, conv_fn=patch_conv))
+            layers.append(
+                on.conv_layer(f"layers/{i}/kernel", padding=layer.padding, conv_fn=patch_conv)
+            )
         elif isinstance(layer, nnx.Linear):
             layers.append(on.dense_layer(f"layers/{i}/kernel"))
         elif isinstance(layer, nnx.BatchNorm):
@@ -178,8 +182,18 @@ class RSOSearch:
       >>> params, state = search.cycle(search.params, search.state, 0)       # doctest: +SKIP
     """
 
-    def __init__(self, model, x_train, y_train, *, batch: int, cycles: int, chunk: int = 1000,
-                 fresh_batch: str = "chunk", seed: int = 0):
+    def __init__(
+        self,
+        model,
+        x_train,
+        y_train,
+        *,
+        batch: int,
+        cycles: int,
+        chunk: int = 1000,
+        fresh_batch: str = "chunk",
+        seed: int = 0,
+    ):
         if fresh_batch not in FRESH_BATCH:
             raise ValueError(f"rso fresh batch must be one of {FRESH_BATCH}, got {fresh_batch!r}")
         self.n = int(x_train.shape[0])
@@ -191,12 +205,19 @@ class RSOSearch:
         self.layers = rso_layers(model)
         self.graphdef, self.param_state, self.rest = nnx.split(model, nnx.Param, ...)
         self.params = on.rso_init(jax.random.PRNGKey(seed), nnx.to_pure_dict(self.param_state))
-        kwargs = dict(seed=seed, sigma=he_sigma(model), anneal=official_anneal(cycles), order=official_order(model))
+        kwargs = {
+            "seed": seed,
+            "sigma": he_sigma(model),
+            "anneal": official_anneal(cycles),
+            "order": official_order(model),
+        }
         probe = on.rso(**kwargs).init(self.params)
         self.total = _searched_count(probe, self.params)
         self.chunk = _chunk_size(self.total, chunk)
         self.calls = self.total // self.chunk
-        self.tx = on.rso(weights_per_step=self.chunk, per_weight_batch=fresh_batch == "weight", **kwargs)
+        self.tx = on.rso(
+            weights_per_step=self.chunk, per_weight_batch=fresh_batch == "weight", **kwargs
+        )
         self.state = self.tx.init(self.params)
         self._step = jax.jit(self._chunk_step)
 
@@ -215,7 +236,9 @@ class RSOSearch:
 
     def cycle(self, params, opt_state, cycle: int, x_train, y_train, bar=None):
         """Search every weight once (cycle number ``cycle``); returns ``(params, opt_state)``."""
-        perm = jax.random.permutation(jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), cycle), self.n)
+        perm = jax.random.permutation(
+            jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), cycle), self.n
+        )
         for c in range(self.calls):
             params, opt_state = self._step(params, opt_state, x_train, y_train, perm, c)
             if bar is not None:
@@ -242,9 +265,16 @@ def run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
     """RSO: ``config.epochs`` cycles over every searched weight (:class:`RSOSearch`)."""
     n = x_train.shape[0]
     cycles = config.epochs
-    search = RSOSearch(model, x_train, y_train, batch=config.rso_batch_size, cycles=cycles,
-                       chunk=config.rso_chunk, fresh_batch=config.rso_fresh_batch,
-                       seed=config.seed)
+    search = RSOSearch(
+        model,
+        x_train,
+        y_train,
+        batch=config.rso_batch_size,
+        cycles=cycles,
+        chunk=config.rso_chunk,
+        fresh_batch=config.rso_fresh_batch,
+        seed=config.seed,
+    )
     params, opt_state = search.params, search.state
     batch, total, chunk = search.batch, search.total, search.chunk
 
@@ -259,13 +289,21 @@ def run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
     last = cycles if config.stop_after is None else min(cycles, config.stop_after)
     for cycle in range(start, last):
         t0 = time.perf_counter()
-        bar = _progress(range(search.calls), f"rso cycle {cycle + 1}/{cycles}", progress, unit="w", unit_scale=chunk)
+        bar = _progress(
+            range(search.calls),
+            f"rso cycle {cycle + 1}/{cycles}",
+            progress,
+            unit="w",
+            unit_scale=chunk,
+        )
         params, opt_state = search.cycle(params, opt_state, cycle, x_train, y_train, bar)
         bar.close()
         loss = float(opt_state.rso_loss)
         t1 = time.perf_counter()
         model = search.to_model(params, x_train)
-        test_loss, test_acc = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
+        test_loss, test_acc = evaluate(
+            model, data.test_images, data.test_labels, config.eval_batch_size
+        )
         record = {
             "epoch": cycle + 1,
             "train_loss": loss,
@@ -277,7 +315,9 @@ def run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
             "rso_accepted": {k: int(v) for k, v in opt_state.rso_accepted.items()},
             "rso_weights": total,
         }
-        _, record["train_accuracy"] = evaluate(model, x_train[:batch], y_train[:batch], config.eval_batch_size)
+        _, record["train_accuracy"] = evaluate(
+            model, x_train[:batch], y_train[:batch], config.eval_batch_size
+        )
         if len(data.val_labels):
             record["val_loss"], record["val_accuracy"] = evaluate(
                 model, data.val_images, data.val_labels, config.eval_batch_size

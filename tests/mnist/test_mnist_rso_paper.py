@@ -75,7 +75,9 @@ def test_rso_paper_layer_order():
     params = nnx.state(model, nnx.Param)
     assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == 12016
     assert isinstance(model.layers[0].mean, InputMean)  # a data constant, not a Param
-    assert not any(isinstance(v, InputMean) for v in jax.tree.leaves(params, is_leaf=lambda v: True))
+    assert not any(
+        isinstance(v, InputMean) for v in jax.tree.leaves(params, is_leaf=lambda v: True)
+    )
 
 
 @pytest.mark.parametrize("channels", [3, 16])

@@ -45,7 +45,9 @@ def test_he_step_and_norm_step():
         np.testing.assert_allclose(float(sig[path]), np.sqrt(2.0 / f), rtol=1e-6)
     assert RSO_NORM_SIGMA == 0.167
     for bn in (2, 6, 9, 13, 16, 19):
-        assert float(sig[f"layers/{bn}/scale"]) == float(sig[f"layers/{bn}/bias"]) == np.float32(0.167)
+        assert (
+            float(sig[f"layers/{bn}/scale"]) == float(sig[f"layers/{bn}/bias"]) == np.float32(0.167)
+        )
 
 
 def test_official_anneal():
@@ -57,7 +59,9 @@ def test_official_anneal():
 
 def _data(n=64, seed=0):
     rng = np.random.default_rng(seed)
-    return jnp.asarray(rng.uniform(0, 1, (n, 28, 28, 1)), jnp.float32), jnp.asarray(rng.integers(0, 10, n))
+    return jnp.asarray(rng.uniform(0, 1, (n, 28, 28, 1)), jnp.float32), jnp.asarray(
+        rng.integers(0, 10, n)
+    )
 
 
 def _ce(logits, y):
@@ -76,7 +80,9 @@ def test_chunk_mode_scores_each_chunk_on_the_next_minibatch_of_the_shuffle():
     model = _paper()
     model.layers[0].mean[...] = jnp.mean(x)  # the model subtracts the training-set mean
     layers = rso_layers(model)
-    step = jax.jit(lambda p, s, xb, yb: search.tx.update(p, s, p, value_fn=on.LayerStack(layers, _ce, xb, yb)))
+    step = jax.jit(
+        lambda p, s, xb, yb: search.tx.update(p, s, p, value_fn=on.LayerStack(layers, _ce, xb, yb))
+    )
     for c in range(search.calls):
         idx = perm[(c * 16 + np.arange(16)) % 64]
         u, ref_state = step(ref, ref_state, x[idx], y[idx])
@@ -92,7 +98,10 @@ def test_weight_mode_runs_a_cycle_and_never_raises_the_loss_on_average():
     params, state = search.cycle(search.params, search.state, 0, x, y)
     assert int(state.rso_cursor) == 0 and int(state.rso_cycle) == 1
     assert np.isfinite(float(state.rso_loss))
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(search.params)))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(search.params))
+    )
 
 
 def test_bad_fresh_batch():
@@ -105,4 +114,6 @@ def test_model_mean_is_set_from_the_training_set():
     x, y = _data(n=16)
     model = _paper()
     search = RSOSearch(model, x, y, batch=8, cycles=1)
-    np.testing.assert_allclose(float(search.to_model(search.params, x).layers[0].mean[...]), float(jnp.mean(x)))
+    np.testing.assert_allclose(
+        float(search.to_model(search.params, x).layers[0].mean[...]), float(jnp.mean(x))
+    )
