@@ -23,7 +23,17 @@ from optax_neuron.grad_stats import (
 from optax_neuron.tensorboard import summary_writer, write_metrics
 
 # RSO random search.
-from optax_neuron.rso import LayerStack, LinearLayer, RSOState, conv_layer, dense_layer, rso, rso_init
+from optax_neuron.rso import (
+    ChannelwiseLayer,
+    LayerStack,
+    LinearLayer,
+    RSOState,
+    channelwise,
+    conv_layer,
+    dense_layer,
+    rso,
+    rso_init,
+)
 
 __version__ = "0.1.0"
 
@@ -45,9 +55,11 @@ __all__ = [
     "running_gradient_mean",
     "summary_writer",
     "write_metrics",
+    "ChannelwiseLayer",
     "LayerStack",
     "LinearLayer",
     "RSOState",
+    "channelwise",
     "conv_layer",
     "dense_layer",
     "rso",

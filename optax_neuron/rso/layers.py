@@ -1,0 +1,255 @@
+"""Layer stacks: a loss written as a sequence of layers, so the search can reuse activations.
+
+``LayerStack(layers, loss, inputs, targets)`` is an ordinary loss
+(``stack(params)``) that :func:`optax_neuron.rso` can also take apart:
+
+* any layer ``f(params, h) -> h`` (a plain function): the search caches the input
+  of the layer that owns the searched leaf and re-runs from there;
+* :func:`dense_layer` / :func:`conv_layer` (a :class:`LinearLayer`): a candidate
+  change of one kernel element is added to the cached output as one column;
+* :func:`channelwise` (a :class:`ChannelwiseLayer`): a layer acting on every channel
+  (last axis) independently -- ReLU, pooling, BatchNorm with batch statistics, a
+  bias. A change confined to one channel stays in that channel through such layers,
+  so the search carries one channel through them and updates the output of the next
+  :class:`LinearLayer` with one input-channel slice of its kernel; only the layers
+  after that one run in full. A layer that is not declared channel-wise ends this path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_neuron.fan_in import path_str
+
+__all__ = ["ChannelwiseLayer", "LayerStack", "LinearLayer", "channelwise", "conv_layer",
+           "dense_layer"]
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def leaf_at(params: Any, path: str) -> Any:
+    """The leaf of ``params`` at ``path`` (``a/b/c``); a clear error naming the path."""
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)[0]
+    for p, x in flat:
+        if path_str(p) == path:
+            return x
+    paths = [path_str(p) for p, _ in flat]
+    raise ValueError(f"layer parameter {path!r} is not a parameter path; paths: {paths[:10]}")
+
+
+def _replace_at(params: Any, values: dict[str, Any]) -> Any:
+    """``params`` with the leaves at the given paths replaced."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
+    out = [values.get(path_str(p), x) for p, x in flat]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class LayerStack:
+    """A loss built from a stack of layers: RSO's fast path.
+
+    ``LayerStack(layers, loss, inputs, targets)(params)`` computes
+    ``loss(f_{L-1}(params, ... f_0(params, inputs)), targets)``. Passed to
+    :func:`optax_neuron.rso` as ``value_fn`` it is an ordinary loss (the black-box
+    path gives the same result), but the search then caches the activation entering
+    the layer that owns the searched leaf (the first layer whose computation reads
+    it, found by tracing each layer once) and re-runs only from there; with
+    :func:`conv_layer` / :func:`dense_layer` / :func:`channelwise` layers it re-runs
+    even less (module docstring). The activations are recomputed exactly at the start
+    of every searched leaf.
+
+    It is a pytree: ``inputs`` and ``targets`` are its leaves, the functions are
+    static, so a jitted step taking the batch as an argument compiles once.
+
+    Args:
+      layers: sequence of functions ``f_i(params, h) -> h`` (each reads its own
+        part of the full parameter tree).
+      loss: ``loss(out, targets) -> scalar``.
+      inputs: the minibatch inputs entering ``layers[0]``.
+      targets: anything the loss needs (labels), a pytree of arrays.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> layers = [lambda p, h: jnp.maximum(h @ p["l0"]["kernel"], 0),
+      ...           lambda p, h: h @ p["l1"]["kernel"]]
+      >>> mse = lambda out, y: jnp.mean((out - y) ** 2)
+      >>> params = {"l0": {"kernel": jnp.ones((3, 4))}, "l1": {"kernel": jnp.ones((4, 1))}}
+      >>> float(LayerStack(layers, mse, jnp.ones((2, 3)), jnp.zeros((2, 1)))(params))
+      144.0
+    """
+
+    def __init__(self, layers: Sequence[Callable], loss: Callable, inputs: Any,
+                 targets: Any = None):
+        self.layers = tuple(layers)
+        self.loss = loss
+        self.inputs = inputs
+        self.targets = targets
+
+    def activations(self, params: Any) -> tuple[list, jax.Array]:
+        """The input of every layer followed by the output, and the loss."""
+        h, acts = self.inputs, []
+        for f in self.layers:
+            acts.append(h)
+            h = f(params, h)
+        acts.append(h)
+        return acts, self.loss(h, self.targets)
+
+    def from_layer(self, k: int, params: Any, h: Any) -> jax.Array:
+        """The loss, starting from ``h`` entering ``layers[k]``."""
+        for f in self.layers[k:]:
+            h = f(params, h)
+        return self.loss(h, self.targets)
+
+    def __call__(self, params: Any) -> jax.Array:
+        return self.activations(params)[1]
+
+    def tree_flatten(self):
+        return (self.inputs, self.targets), (self.layers, self.loss)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(aux[0], aux[1], *children)
+
+
+jax.tree_util.register_pytree_node_class(LayerStack)
+
+
+class LinearLayer:
+    """A layer ``h -> A(W, h)`` linear in one kernel ``W`` (see :func:`dense_layer`, :func:`conv_layer`).
+
+    In a :class:`LayerStack` searched with ``fast_path="incremental"``, a candidate
+    change ``delta`` of one kernel element ``W[.., i, o]`` is applied to the cached
+    output as ``out[..., o] += delta * column``, where ``column`` is the slice of the
+    layer input that the element multiplies (:meth:`add_column`), and a change ``d``
+    of input channel ``i`` alone adds ``A(W[..., i:i+1, :], d)`` to the output
+    (:meth:`add_input_channel`), instead of re-running the layer.
+    """
+
+    def __init__(self, kernel: str, kind: str, padding: Any = "SAME",
+                 conv_fn: Callable | None = None):
+        self.kernel, self.kind, self.padding, self.conv_fn = kernel, kind, padding, conv_fn
+
+    def apply(self, w: jax.Array, h: jax.Array) -> jax.Array:
+        """The layer with kernel ``w`` (any number of input channels) on ``h``."""
+        if self.kind == "dense":
+            return jnp.matmul(h, w)
+        conv = self.conv_fn or jax.lax.conv_general_dilated
+        return conv(h, w, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def __call__(self, params: Any, h: jax.Array) -> jax.Array:
+        return self.apply(leaf_at(params, self.kernel), h)
+
+    def _pads(self, kshape):
+        if self.padding == "SAME":
+            return tuple(((k - 1) // 2, k // 2) for k in kshape[:2])
+        if self.padding == "VALID":
+            return ((0, 0), (0, 0))
+        return tuple(tuple(int(q) for q in p) for p in self.padding)
+
+    def column(self, h, kshape, flat_index):
+        """(output channel ``o``, the slice of ``h`` that ``W.flat[flat_index]`` multiplies)."""
+        if self.kind == "dense":
+            i, o = flat_index // kshape[1], flat_index % kshape[1]
+            return o, jax.lax.dynamic_index_in_dim(h, i, axis=h.ndim - 1, keepdims=True)
+        kh, kw, cin, cout = kshape
+        a = flat_index // (kw * cin * cout)
+        b = (flat_index // (cin * cout)) % kw
+        i = (flat_index // cout) % cin
+        o = flat_index % cout
+        hp = jnp.pad(h, ((0, 0), *self._pads(kshape), (0, 0)))
+        n = h.shape[0]
+        ho = hp.shape[1] - kh + 1
+        wo = hp.shape[2] - kw + 1
+        return o, jax.lax.dynamic_slice(hp, (0, a, b, i), (n, ho, wo, 1))
+
+    def add_column(self, out, h, kshape, flat_index, delta, apply=True):
+        """``out`` plus the effect of ``W.flat[flat_index] += delta`` (where ``apply``)."""
+        o, col = self.column(h, kshape, flat_index)
+        cur = jax.lax.dynamic_index_in_dim(out, o, axis=out.ndim - 1, keepdims=True)
+        new = jnp.where(apply, cur + delta.astype(out.dtype) * col, cur)
+        return jax.lax.dynamic_update_index_in_dim(out, new, o, axis=out.ndim - 1)
+
+    def add_input_channel(self, params, out, d, channel):
+        """``out + A(W[..., channel:channel+1, :], d)``: input channel ``channel`` changed by ``d``."""
+        w = leaf_at(params, self.kernel)
+        axis = w.ndim - 2
+        w_c = jax.lax.dynamic_index_in_dim(w, channel, axis=axis, keepdims=True)
+        return out + self.apply(w_c, d.astype(w.dtype)).astype(out.dtype)
+
+
+def dense_layer(kernel: str) -> LinearLayer:
+    """A :class:`LayerStack` layer ``h @ W`` (contracting the last axis), ``W`` at path ``kernel``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> dense_layer("out/kernel")({"out": {"kernel": jnp.eye(2)}}, jnp.ones((1, 2))).tolist()
+      [[1.0, 1.0]]
+    """
+    return LinearLayer(kernel, "dense")
+
+
+def conv_layer(kernel: str, padding: Any = "SAME", conv_fn: Callable | None = None) -> LinearLayer:
+    """A :class:`LayerStack` layer: stride-1 2-D convolution, NHWC input, HWIO kernel at ``kernel``.
+
+    ``conv_fn`` replaces ``jax.lax.conv_general_dilated`` (same signature), e.g. an
+    im2col implementation that is faster on CPU.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> layer = conv_layer("c/kernel")
+      >>> layer({"c": {"kernel": jnp.ones((3, 3, 1, 2))}}, jnp.ones((1, 4, 4, 1))).shape
+      (1, 4, 4, 2)
+    """
+    return LinearLayer(kernel, "conv", padding, conv_fn)
+
+
+class ChannelwiseLayer:
+    """A layer acting on every channel (last axis) independently (see :func:`channelwise`)."""
+
+    def __init__(self, fn: Callable, per_channel: Sequence[str] = ()):
+        self.fn = fn
+        self.per_channel = tuple(per_channel)
+
+    def __call__(self, params: Any, h: Any) -> Any:
+        return self.fn(params, h)
+
+    def one_channel(self, params: Any, h_c: jax.Array, channel: jax.Array) -> jax.Array:
+        """The layer on channel ``channel`` alone: ``h_c`` has one channel (last axis of size 1)."""
+        sliced = {}
+        for path in self.per_channel:
+            x = leaf_at(params, path)
+            sliced[path] = jax.lax.dynamic_index_in_dim(x, channel, axis=x.ndim - 1, keepdims=True)
+        return self.fn(_replace_at(params, sliced) if sliced else params, h_c)
+
+
+def channelwise(fn: Callable, per_channel: Sequence[str] = ()) -> ChannelwiseLayer:
+    """Declare a :class:`LayerStack` layer channel-wise: channel ``c`` of its output depends on
+    channel ``c`` of its input only (the last axis; spatial axes may shrink: pooling).
+
+    ``fn(params, h)`` must also run on a one-channel ``h`` when the leaves named in
+    ``per_channel`` (per-channel parameters, last axis = channel: BatchNorm scale and
+    shift, a bias) are replaced by their one-element slice. Examples: ReLU, average
+    pooling, global average pooling, BatchNorm with the batch's statistics (the
+    statistics of a channel are its own), adding a bias. A declaration that is not true
+    makes the incremental path wrong: the tests of this module check each layer of the
+    application against its full evaluation.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> relu = channelwise(lambda p, h: jax.nn.relu(h))
+      >>> bias = channelwise(lambda p, h: h + p["b"], per_channel=["b"])
+      >>> h = jnp.array([[1.0, -2.0, 3.0]])
+      >>> bias.one_channel({"b": jnp.array([10.0, 20.0, 30.0])}, h[:, 1:2], 1).tolist()
+      [[18.0]]
+    """
+    if not callable(fn):
+        raise TypeError(f"channelwise: fn must be a callable f(params, h), got {fn!r}")
+    if isinstance(per_channel, str) or not all(isinstance(p, str) for p in per_channel):
+        raise TypeError(f"channelwise: per_channel must be a list of parameter paths, got "
+                        f"{per_channel!r}")
+    return ChannelwiseLayer(fn, per_channel)
