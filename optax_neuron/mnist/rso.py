@@ -14,7 +14,7 @@ from flax import nnx
 
 import optax_neuron as on
 from optax_neuron.mnist.checkpoints import Checkpoints
-from optax_neuron.mnist.models import SubtractMean, patch_conv
+from optax_neuron.mnist.models import SubtractMean, _global_avg_pool, patch_conv
 from optax_neuron.mnist.train import _progress, _report, _result, evaluate
 
 __all__ = [
@@ -51,6 +51,12 @@ def _stateless(fn: Callable) -> Callable:
     return lambda p, h: fn(h)
 
 
+def _is_channelwise(fn: Callable) -> bool:
+    """ReLU and pooling act on every channel (last axis) alone; flattening does not."""
+    pool = getattr(fn, "func", None) in (nnx.avg_pool, nnx.max_pool)
+    return fn is nnx.relu or pool or fn is _global_avg_pool
+
+
 def rso_layers(model: nnx.Sequential) -> list[Callable]:
     """The layers of a Sequential model as ``f(params, h)`` functions for :class:`optax_neuron.LayerStack`.
 
@@ -58,7 +64,10 @@ def rso_layers(model: nnx.Sequential) -> list[Callable]:
     Linear kernels become :func:`optax_neuron.conv_layer` /
     :func:`optax_neuron.dense_layer` (RSO's incremental fast path), followed by
     a bias layer where there is a bias; BatchNorm normalises with the batch's
-    statistics; activations and pooling pass through.
+    statistics; activations and pooling pass through. BatchNorm, biases, ReLU and
+    pooling are declared :func:`optax_neuron.channelwise`, so a candidate of a
+    kernel is carried as one channel to the next linear layer (the incremental
+    path of issue 12).
     """
     layers: list[Callable] = []
     for i, layer in enumerate(model.layers):
@@ -74,7 +83,8 @@ def rso_layers(model: nnx.Sequential) -> list[Callable]:
         elif isinstance(layer, nnx.Linear):
             layers.append(on.dense_layer(f"layers/{i}/kernel"))
         elif isinstance(layer, nnx.BatchNorm):
-            layers.append(_batch_norm(layer, i))
+            per_channel = [f"layers/{i}/scale", f"layers/{i}/bias"]
+            layers.append(on.channelwise(_batch_norm(layer, i), per_channel=per_channel))
             continue
         elif isinstance(layer, SubtractMean):
             mean = layer.mean[...]  # a data constant, not searched
@@ -82,11 +92,14 @@ def rso_layers(model: nnx.Sequential) -> list[Callable]:
             continue
         elif isinstance(layer, nnx.Module):
             raise ValueError(f"rso_layers: no RSO layer for {type(layer).__name__} at layers/{i}")
+        elif _is_channelwise(layer):
+            layers.append(on.channelwise(_stateless(layer)))
+            continue
         else:
             layers.append(_stateless(layer))
             continue
         if getattr(layer, "bias", None) is not None:
-            layers.append(_add_bias(i))
+            layers.append(on.channelwise(_add_bias(i), per_channel=[f"layers/{i}/bias"]))
     return layers
 
 
@@ -147,16 +160,16 @@ def official_order(model: nnx.Sequential) -> list[str]:
     return [g for group in reversed(groups) for g in group] + ["*"]
 
 
-def he_sigma(model: nnx.Sequential) -> list[tuple[str, float]]:
-    """``sigma=`` rules: He std ``sqrt(2 / fan_in)`` per kernel, :data:`RSO_NORM_SIGMA` for norms."""
-    rules: list[tuple[str, float]] = []
+def he_sigma(model: nnx.Sequential) -> list[tuple[str, float | str]]:
+    """``sigma=`` rules: :data:`RSO_NORM_SIGMA` for BatchNorm scale and shift, else the He std.
+
+    ``"he"`` is :func:`optax_neuron.rso`'s ``sqrt(2 / fan_in)`` from the leaf's fan-in axes.
+    """
+    rules: list[tuple[str, float | str]] = []
     for i, layer in enumerate(model.layers):
-        if isinstance(layer, (nnx.Conv, nnx.Linear)):
-            shape = layer.kernel.shape
-            rules.append((f"layers/{i}/kernel", float(np.sqrt(2.0 / np.prod(shape[:-1])))))
-        elif isinstance(layer, nnx.BatchNorm):
+        if isinstance(layer, nnx.BatchNorm):
             rules += [(f"layers/{i}/scale", RSO_NORM_SIGMA), (f"layers/{i}/bias", RSO_NORM_SIGMA)]
-    return rules + [("*", None)]
+    return [*rules, ("*", "he")]
 
 
 def official_anneal(cycles: int) -> Callable:
@@ -171,7 +184,9 @@ class RSOSearch:
     The recipe (the official code's, see DESIGN.md): He initialisation
     (:func:`optax_neuron.rso_init`), He step per kernel and 0.167 for BatchNorm
     scale and shift (:func:`he_sigma`), annealed by :func:`official_anneal` over
-    ``cycles``, the official leaf order (:func:`official_order`). Data:
+    ``cycles``, the official leaf order (:func:`official_order`), neuron by
+    neuron inside a leaf (``within="neuron"``), weight decay
+    :data:`RSO_WEIGHT_DECAY` per visit. Data:
     ``fresh_batch="chunk"`` scores the ``chunk`` weights of one call on the next
     minibatch of a per-cycle shuffle of the training set (the loss is a
     :class:`optax_neuron.LayerStack`, RSO's incremental fast path);
@@ -210,6 +225,8 @@ class RSOSearch:
             "sigma": he_sigma(model),
             "anneal": official_anneal(cycles),
             "order": official_order(model),
+            "within": "neuron",
+            "weight_decay": RSO_WEIGHT_DECAY,
         }
         probe = on.rso(**kwargs).init(self.params)
         self.total = _searched_count(probe, self.params)
