@@ -208,6 +208,7 @@ class RSOSearch:
         chunk: int = 1000,
         fresh_batch: str = "chunk",
         seed: int = 0,
+        fast_path: str = "incremental",
     ):
         if fresh_batch not in FRESH_BATCH:
             raise ValueError(f"rso fresh batch must be one of {FRESH_BATCH}, got {fresh_batch!r}")
@@ -227,6 +228,7 @@ class RSOSearch:
             "order": official_order(model),
             "within": "neuron",
             "weight_decay": RSO_WEIGHT_DECAY,
+            "fast_path": fast_path,
         }
         probe = on.rso(**kwargs).init(self.params)
         self.total = _searched_count(probe, self.params)

@@ -92,6 +92,24 @@ def test_chunk_mode_scores_each_chunk_on_the_next_minibatch_of_the_shuffle():
     assert sum(int(v) for v in state.rso_accepted.values()) > 0
 
 
+def test_channelwise_declarations_keep_the_exact_decisions():
+    """The incremental path (one channel carried through BatchNorm, ReLU, pooling) against
+    ``fast_path="cache"``, which re-runs the layers in full: same search, same parameters."""
+    x, y = _data(n=32, seed=3)
+    out = []
+    for fast_path in ("cache", "incremental"):
+        search = RSOSearch(_paper(), x, y, batch=32, cycles=2, chunk=10_000, fast_path=fast_path)
+        assert search.calls == 1  # the whole cycle in one call
+        out.append(search.cycle(search.params, search.state, 0, x, y))
+    (p_full, s_full), (p_inc, s_inc) = out
+    np.testing.assert_allclose(float(s_inc.rso_loss), float(s_full.rso_loss), rtol=1e-5)
+    assert {k: int(v) for k, v in s_inc.rso_accepted.items()} == {
+        k: int(v) for k, v in s_full.rso_accepted.items()
+    }
+    for a, b in zip(jax.tree.leaves(p_inc), jax.tree.leaves(p_full)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
 def test_weight_mode_runs_a_cycle_and_never_raises_the_loss_on_average():
     x, y = _data(n=48)
     search = RSOSearch(_paper(), x, y, batch=16, cycles=2, chunk=64, fresh_batch="weight")
