@@ -241,6 +241,8 @@ def main(argv=None):
     channels, limit = (2, 2000) if args.quick else (16, None)
     batches = [32] if args.quick else [int(b) for b in args.batches.split(",") if b]
     weight_batches = [] if args.quick else [int(b) for b in args.weight_batches.split(",") if b]
+    if not batches:
+        ap.error("--batches needs at least one batch size")
     x_train, y_train = _mnist(limit)
     mean = jnp.mean(x_train)
     base_batch = batches[0]
@@ -255,8 +257,12 @@ def main(argv=None):
             x_train[:base_batch] - mean,
             y_train[:base_batch],
         )
+    if args.only_plain:
+        batches, weight_batches = batches[:1], []
     apps = {
-        ("chunk", b): AppCycle(x_train, y_train, batch=b, channels=channels) for b in batches[:1]
+        ("chunk", b): AppCycle(x_train, y_train, batch=b, channels=channels)
+        for b in batches[:1]
+        if not args.only_plain
     }
     times: dict = {"plain": [], **{k: [] for k in apps}}
     for _ in range(args.repeats):  # interleaved: plain loop, application at the base batch
@@ -278,18 +284,20 @@ def main(argv=None):
                 f"application, fresh batch per {mode}, batch {b}: {times[(mode, b)][-1]:.1f} s",
                 flush=True,
             )
-    weights = next(iter(apps.values())).weights
+    if args.only_plain and plain is None:
+        ap.error("--only-plain and --no-plain exclude each other")
+    weights = plain.weights if plain is not None else next(iter(apps.values())).weights
     base = statistics.median(times["plain"]) if plain is not None else float("nan")
     print(
-        f"\n{weights} searched weights per cycle; whole cycles, median of {args.repeats} interleaved round(s) "
-        "for the plain loop and the first application row, one cycle for the others"
+        f"\n{weights} searched weights per cycle; whole cycles, median of {args.repeats} "
+        "interleaved round(s) for the plain loop and the first application row, one cycle "
+        "for the others"
     )
     print("| method | batch | s/cycle | plain loop / method |")
     print("|---|---:|---:|---:|")
     if plain is not None:
-        print(
-            f"| plain loop (3 full lax.conv passes per weight, jitted per leaf) | {base_batch} | {base:.1f} | 1.0x |"
-        )
+        label = "plain loop (3 full lax.conv passes per weight, jitted per leaf)"
+        print(f"| {label} | {base_batch} | {base:.1f} | 1.0x |")
     for (mode, b), ts in [(k, v) for k, v in times.items() if k != "plain"]:
         med = statistics.median(ts)
         ratio = f"{base / med:.1f}x" if b == base_batch else "(other batch)"
