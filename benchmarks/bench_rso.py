@@ -235,6 +235,7 @@ def main(argv=None):
     ap.add_argument(
         "--no-plain", action="store_true", help="skip the plain loop (no speed-up column)"
     )
+    ap.add_argument("--only-plain", action="store_true", help="time the plain loop alone")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
