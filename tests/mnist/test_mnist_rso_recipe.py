@@ -92,11 +92,6 @@ def test_chunk_mode_scores_each_chunk_on_the_next_minibatch_of_the_shuffle():
     assert sum(int(v) for v in state.rso_accepted.values()) > 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="failed in the rsoapp session (incremental vs cache on the 2-channel paper net); "
-    "cause not diagnosed before the deadline: a near-tie flip or a wrong channelwise path",
-)
 def test_channelwise_declarations_keep_the_exact_decisions():
     """The incremental path (one channel carried through BatchNorm, ReLU, pooling) against
     ``fast_path="cache"``, which re-runs the layers in full: same search, same parameters."""
