@@ -1,31 +1,29 @@
-"""RSO: weights searched per second, the fast paths against a plain jitted per-weight loop.
+"""RSO: whole search cycles of the application against the plain loop a user would write.
 
-Baseline ("plain loop"): a Python loop over weights, one jitted call per weight
-that evaluates ``F(w)``, ``F(w + dw)``, ``F(w - dw)`` with a black-box loss on the
-same batch of 256 and keeps the best (the straightforward port of the paper's
-loop). Compared with ``optax_neuron.rso`` on the same batch:
+Baseline ("plain loop"): the RSO paper's MNIST net in the layout of its official
+code (rohun-tripathi/RSO-gradient-free), written in plain JAX with
+``jax.lax.conv_general_dilated``, and a Python loop over every searched weight.
+Each searched leaf has one jitted function ``(params, index, key) -> params``
+that decays the weight (``w * (1 - 1e-4)``), draws ``dw`` (He std of the leaf,
+0.167 for BatchNorm scale and shift), scores ``w``, ``w + dw`` and ``w - dw``
+with three full forward passes from the input on one batch, and keeps the best
+(NaN never wins). XLA may share the unchanged part of the three passes by itself.
+The weights are visited in the official order (dense layer, then each conv from
+last to first, kernel before BatchNorm shift and scale; neuron by neuron).
 
-* ``rso black-box``: one jitted ``update`` for many weights (no per-weight
-  dispatch), the current loss carried, so two evaluations per weight;
-* ``rso + LayerStack``: the same with the value given as a
-  :class:`optax_neuron.LayerStack`, so each candidate re-runs only the layers
-  from the one holding the searched weight;
-* ``speculate=m``: exact speculative batching, the candidates of the next m
-  weights evaluated against one base in one vmapped call (fewer, wider passes;
-  it pays only when most proposals are rejected, so the ``sigma xF`` rows scale
-  every sigma by F to show the few-accepted regime next to the same rows
-  without speculation). The ``accepted`` column is the fraction of the timed
-  weights accepted.
+Application: one whole cycle of ``python -m optax_neuron.mnist --optimizer rso
+--model rso-paper`` (its cycle function, :class:`optax_neuron.mnist.rso.RSOSearch`)
+on real MNIST, with a fresh minibatch per chunk of weights (``--rso-fresh-batch
+chunk``) at batch 256, 1000 and 5000, and with a fresh minibatch per weight
+(``--rso-fresh-batch weight``) beside it.
 
-Per-cycle figures are extrapolated: each searched leaf is timed on its first
-few weights (a cursor placed at its start) and multiplied by its size; the plain
-loop costs the same for every weight. Runs are interleaved and the median of
-``--repeats`` is taken. Nets: the paper's MNIST net (6 conv3x3 x 16 + BatchNorm,
-batch statistics, avg-pool after conv 2 and 4, global average pool, dense 16->10,
-no biases, ~12k searched weights) and an MLP 784-128-10.
+Every figure is a whole cycle (every leaf, every weight), measured, never
+extrapolated; compilation is excluded (one warm-up call of every jitted
+function). The plain loop and the application at batch 256 run interleaved in
+one process, ``--repeats`` times; the medians are printed.
 
-    python benchmarks/bench_rso.py            # full run
-    python benchmarks/bench_rso.py --quick    # smoke run
+    python benchmarks/bench_rso.py                  # full run (the plain loop is long)
+    python benchmarks/bench_rso.py --quick          # smoke run: 2 channels, batch 32, chunk mode only
 """
 
 from __future__ import annotations
@@ -33,212 +31,285 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_neuron import LayerStack, conv_layer, dense_layer, rso, rso_init
+WEIGHT_DECAY = 1e-4
+NORM_STEP = 0.167
+
+# --------------------------------------------------------------------- the plain loop
 
 
-# ----------------------------------------------------------------------------- nets
+def paper_params(key: jax.Array, channels: int = 16) -> dict:
+    """He-initialised parameters of the paper net: conv{i}/kernel (HWIO), norm{i}, head/kernel."""
+    params, c_in = {}, 1
+    keys = jax.random.split(key, 7)
+    for i in range(6):
+        std = np.sqrt(2.0 / (9 * c_in))
+        params[f"conv{i}"] = {"kernel": std * jax.random.normal(keys[i], (3, 3, c_in, channels))}
+        params[f"norm{i}"] = {"scale": jnp.ones(channels), "bias": jnp.zeros(channels)}
+        c_in = channels
+    params["head"] = {
+        "kernel": np.sqrt(2.0 / channels) * jax.random.normal(keys[6], (channels, 10))
+    }
+    return params
 
 
-def _batch_norm(p, h):
+def _batch_norm(p: dict, h: jax.Array) -> jax.Array:
     mean = jnp.mean(h, axis=(0, 1, 2))
-    var = jnp.mean(jnp.square(h - mean), axis=(0, 1, 2))
+    var = jnp.var(h, axis=(0, 1, 2))
     return (h - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
 
 
-def _avg_pool(h):
+def _avg_pool(h: jax.Array) -> jax.Array:
     n, hh, ww, c = h.shape
     return h.reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
 
 
-def paper_net(key, channels=16):
-    """Params and layer functions of the RSO paper's MNIST net."""
-    params, layers = {}, []
-    c_in = 1
+def paper_forward(
+    params: dict, x: jax.Array, conv: Callable = jax.lax.conv_general_dilated
+) -> jax.Array:
+    """Logits of the paper net (official layout, batch statistics); ``lax.conv`` by default."""
+    h = x
     for i in range(6):
-        params[f"conv{i}"] = {"kernel": jnp.zeros((3, 3, c_in, channels))}
-        params[f"norm{i}"] = {"scale": jnp.ones(channels), "bias": jnp.zeros(channels)}
-        layers.append(conv_layer(f"conv{i}/kernel"))
-        pool = i in (1, 3)
-        layers.append(lambda p, h, i=i, pool=pool: (_avg_pool if pool else (lambda x: x))(
-            jax.nn.relu(_batch_norm(p[f"norm{i}"], h))))
-        c_in = channels
-    params["zhead"] = {"kernel": jnp.zeros((channels, 10))}  # "z": last in tree order
-    layers.append(lambda p, h: jnp.mean(h, axis=(1, 2)))
-    layers.append(dense_layer("zhead/kernel"))
-    return rso_init(key, params), layers
+        if i > 0:
+            h = jax.nn.relu(h)
+        h = conv(
+            h,
+            params[f"conv{i}"]["kernel"],
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        if i in (1, 3):
+            h = _avg_pool(h)
+        h = _batch_norm(params[f"norm{i}"], h)
+    return jnp.mean(h, axis=(1, 2)) @ params["head"]["kernel"]
 
 
-def mlp_net(key, hidden=128):
-    params = {"dense0": {"kernel": jnp.zeros((784, hidden)), "bias": jnp.zeros(hidden)},
-              "dense1": {"kernel": jnp.zeros((hidden, 10)), "bias": jnp.zeros(10)}}
-    layers = [lambda p, h: h.reshape(h.shape[0], -1),
-              dense_layer("dense0/kernel"),
-              lambda p, h: jax.nn.relu(h + p["dense0"]["bias"]),
-              dense_layer("dense1/kernel"),
-              lambda p, h: h + p["dense1"]["bias"]]
-    return rso_init(key, params), layers
+def official_order(params: dict) -> list[tuple[str, str, np.ndarray]]:
+    """``(module, name, flat indices)`` of every searched leaf, in the official visiting order."""
+    out = []
+
+    def neuron_major(shape):  # for each output neuron, its inputs (then kernel positions)
+        idx = np.arange(int(np.prod(shape))).reshape(shape)
+        if len(shape) == 2:  # dense (in, out)
+            return idx.T.ravel()
+        return idx.transpose(3, 2, 0, 1).ravel()  # HWIO -> O, I, H, W
+
+    out.append(("head", "kernel", neuron_major(params["head"]["kernel"].shape)))
+    for i in reversed(range(6)):
+        out.append((f"conv{i}", "kernel", neuron_major(params[f"conv{i}"]["kernel"].shape)))
+        out.append((f"norm{i}", "bias", np.arange(params[f"norm{i}"]["bias"].size)))
+        out.append((f"norm{i}", "scale", np.arange(params[f"norm{i}"]["scale"].size)))
+    return out
 
 
-def _ce(logits, y):
+def _ce(logits: jax.Array, y: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-# ------------------------------------------------------------------------- timing
-
-
-def _visit(params, searched):
-    """(path, leaf) of searched leaves, last first (rso's default order)."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    out = [("/".join(str(k.key) for k in p), x) for p, x in flat]
-    return [(p, x) for p, x in out if searched(p)][::-1]
-
-
-def plain_loop(params, layers, x, y, sigma):
-    """Seconds per weight of the plain loop (one jitted call per weight, 3 evaluations)."""
-    value = LayerStack(layers, _ce, x, y)  # called as a black box
+def plain_step(module: str, name: str, sigma: float) -> Callable:
+    """The jitted per-weight function of one leaf: three full forward passes, keep the best."""
 
     @jax.jit
-    def one_weight(p, path_index, flat_index, key):
-        leaves, treedef = jax.tree_util.tree_flatten(p)
+    def step(params, index, key, x, y):
+        leaf = params[module][name]
+        w = leaf.ravel()[index] * (1 - WEIGHT_DECAY)
         dw = sigma * jax.random.normal(key, ())
-        cands = []
-        for sign in (0.0, 1.0, -1.0):
-            new = [jnp.where(path_index == n, leaf.ravel().at[flat_index].add(sign * dw).reshape(leaf.shape), leaf)
-                   for n, leaf in enumerate(leaves)]
-            cands.append(jax.tree_util.tree_unflatten(treedef, new))
-        losses = jnp.stack([value(c) for c in cands])
+        cands = [w, w + dw, w - dw]
+
+        def with_value(v):
+            new = leaf.ravel().at[index].set(v).reshape(leaf.shape)
+            return {**params, module: {**params[module], name: new}}
+
+        losses = jnp.stack([_ce(paper_forward(with_value(v), x), y) for v in cands])
         best = jnp.argmin(jnp.where(jnp.isnan(losses), jnp.inf, losses))
-        return jax.tree.map(lambda a, b, c: jnp.where(best == 0, a, jnp.where(best == 1, b, c)), *cands)
+        return with_value(jnp.stack(cands)[best])
 
-    def run(n_weights):
-        p = params
+    return step
+
+
+def _sigma(params: dict, module: str, name: str) -> float:
+    if module.startswith("norm"):
+        return NORM_STEP
+    shape = params[module][name].shape
+    return float(np.sqrt(2.0 / np.prod(shape[:-1])))
+
+
+class PlainLoop:
+    """The plain loop: one whole cycle per call of :meth:`cycle` (every searched weight)."""
+
+    def __init__(self, params: dict, x: jax.Array, y: jax.Array):
+        self.params, self.x, self.y = params, x, y
+        self.order = official_order(params)
+        self.steps = {(m, n): plain_step(m, n, _sigma(params, m, n)) for m, n, _ in self.order}
         key = jax.random.key(0)
-        jax.block_until_ready(one_weight(p, 0, 0, key))  # compiled
+        for f in self.steps.values():  # compile every leaf's function
+            jax.block_until_ready(f(params, 0, key, x, y))
+        self.weights = sum(len(idx) for *_, idx in self.order)
+        self.calls = 0
+
+    def cycle(self) -> float:
+        """Run one whole cycle; returns its seconds."""
+        p, base = self.params, jax.random.key(self.calls + 1)
         t = time.perf_counter()
-        for w in range(n_weights):
-            p = one_weight(p, len(jax.tree.leaves(p)) - 1, w, jax.random.fold_in(key, w))
+        for m, n, idx in self.order:
+            f = self.steps[(m, n)]
+            for i in idx:
+                p = f(p, int(i), jax.random.fold_in(base, self.calls), self.x, self.y)
+                self.calls += 1
         jax.block_until_ready(p)
-        return (time.perf_counter() - t) / n_weights
-
-    return run
-
-
-def rso_timer(params, layers, x, y, weights, layered, fast_path="incremental", speculate=1, sigma_factor=1.0):
-    """Seconds per weight of rso (``weights`` per ``update`` call) from the start of each leaf.
-
-    Returns run() -> {path: (seconds per weight, leaf size, fraction accepted)}. The
-    black-box path without speculation costs the same for every weight, so it is
-    timed on the first leaf only. ``sigma_factor`` scales every sigma (through
-    ``anneal``) to set the acceptance rate.
-    """
-    anneal = None if sigma_factor == 1.0 else (lambda c: sigma_factor)
-    tx = rso(weights_per_step=weights, sigma=[("*scale", 0.1), ("*bias", 0.1), ("*", None)], fast_path=fast_path,
-             speculate=speculate, anneal=anneal)
-    state0 = tx.init(params)
-    stack = LayerStack(layers, _ce, x, y)
-
-    @jax.jit
-    def step(p, s, stack):
-        u, s = tx.update(p, s, p, value_fn=stack if layered else (lambda q: stack(q)))
-        return optax.apply_updates(p, u), s
-
-    searched = set(state0.rso_sigma)
-    visit = _visit(params, lambda q: q in searched)
-    starts = np.cumsum([0] + [v.size for _, v in visit])[:-1]
-    jax.block_until_ready(step(params, state0, stack))  # compiled
-
-    def run():
-        per = {}
-        for (path, leaf), start in zip(visit, starts):
-            if per and not layered and speculate == 1:
-                per[path] = (next(iter(per.values()))[0], leaf.size, next(iter(per.values()))[2])
-                continue
-            s = state0._replace(rso_cursor=jnp.asarray(start, jnp.int32))
-            t = time.perf_counter()
-            _, s = jax.block_until_ready(step(params, s, stack))
-            n_acc = sum(int(v) for v in s.rso_accepted.values())
-            per[path] = ((time.perf_counter() - t) / weights, leaf.size, n_acc / weights)
-        return per
-
-    return run
+        self.params = p
+        return time.perf_counter() - t
 
 
-def bench(name, params, layers, x, y, weights, plain_weights, repeats, m, big_sigma):
-    print(f"\n## {name}: batch {x.shape[0]}, device {jax.devices()[0].platform}")
-    plain = plain_loop(params, layers, x, y, 0.1)
-    timers = {
-        "rso black-box": rso_timer(params, layers, x, y, weights, layered=False),
-        "rso + LayerStack, cache": rso_timer(params, layers, x, y, weights, layered=True, fast_path="cache"),
-        "rso + LayerStack, incremental": rso_timer(params, layers, x, y, weights, layered=True),
+def plain_accuracy(params: dict, x: jax.Array, y: jax.Array) -> float:
+    logits = jax.jit(paper_forward)(params, x)
+    return float(jnp.mean(jnp.argmax(logits, -1) == y))
+
+
+# ------------------------------------------------------------------------ application
+
+
+class AppCycle:
+    """Whole cycles of the application's search (:class:`optax_neuron.mnist.rso.RSOSearch`)."""
+
+    def __init__(self, x_train, y_train, *, batch, channels, fresh_batch="chunk", chunk=1000):
+        from flax import nnx
+
+        from optax_neuron.mnist.models import make_model
+        from optax_neuron.mnist.rso import RSOSearch
+
+        model = make_model("rso-paper", nnx.Rngs(0), channels=channels)
+        model.train()
+        self.x, self.y = x_train, y_train
+        self.search = RSOSearch(
+            model, x_train, y_train, batch=batch, cycles=50, chunk=chunk, fresh_batch=fresh_batch
+        )
+        self.params, self.state = self.search.params, self.search.state
+        self.weights, self.done = self.search.total, 0
+        perm = jnp.arange(x_train.shape[0])
+        jax.block_until_ready(
+            self.search._step(self.params, self.state, self.x, self.y, perm, 0)
+        )  # compile
+
+    def cycle(self) -> float:
+        t = time.perf_counter()
+        self.params, self.state = self.search.cycle(
+            self.params, self.state, self.done, self.x, self.y
+        )
+        jax.block_until_ready(self.params)
+        self.done += 1
+        return time.perf_counter() - t
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def _mnist(limit: int | None):
+    from optax_neuron.mnist.data import load_mnist
+
+    data = load_mnist()
+    x = jnp.asarray(data.train_images[:limit])
+    y = jnp.asarray(data.train_labels[:limit])
+    return x, y
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 2 channels, batch 32, 2000 images"
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="interleaved rounds of plain loop + app at batch 256"
+    )
+    ap.add_argument("--batches", default="256,1000,5000", help="application batches (chunk mode)")
+    ap.add_argument(
+        "--weight-batches", default="256", help="application batches with a fresh batch per weight"
+    )
+    ap.add_argument(
+        "--no-plain", action="store_true", help="skip the plain loop (no speed-up column)"
+    )
+    ap.add_argument("--only-plain", action="store_true", help="time the plain loop alone")
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    channels, limit = (2, 2000) if args.quick else (16, None)
+    batches = [32] if args.quick else [int(b) for b in args.batches.split(",") if b]
+    weight_batches = [] if args.quick else [int(b) for b in args.weight_batches.split(",") if b]
+    if not batches:
+        ap.error("--batches needs at least one batch size")
+    x_train, y_train = _mnist(limit)
+    mean = jnp.mean(x_train)
+    base_batch = batches[0]
+    print(
+        f"## RSO whole cycles, paper net ({channels} channels), device {jax.devices()[0].platform}",
+        flush=True,
+    )
+    plain = None
+    if not args.no_plain:
+        plain = PlainLoop(
+            paper_params(jax.random.key(0), channels),
+            x_train[:base_batch] - mean,
+            y_train[:base_batch],
+        )
+    if args.only_plain:
+        batches, weight_batches = batches[:1], []
+    apps = {
+        ("chunk", b): AppCycle(x_train, y_train, batch=b, channels=channels)
+        for b in batches[:1]
+        if not args.only_plain
     }
-    if m > 1:  # --speculate 1: no speculative rows
-        timers[f"rso black-box, speculate={m}"] = rso_timer(params, layers, x, y, weights, layered=False, speculate=m)
-        timers[f"rso + LayerStack, incremental, speculate={m}"] = rso_timer(
-            params, layers, x, y, weights, layered=True, speculate=m)
-    if big_sigma:  # few proposals accepted: the regime speculation is for
-        timers[f"rso black-box, sigma x{big_sigma:g}"] = rso_timer(
-            params, layers, x, y, weights, layered=False, sigma_factor=big_sigma)
-        timers[f"rso + LayerStack, incremental, sigma x{big_sigma:g}"] = rso_timer(
-            params, layers, x, y, weights, layered=True, sigma_factor=big_sigma)
-        if m > 1:
-            timers[f"rso black-box, speculate={m}, sigma x{big_sigma:g}"] = rso_timer(
-                params, layers, x, y, weights, layered=False, speculate=m, sigma_factor=big_sigma)
-            timers[f"rso + LayerStack, incremental, speculate={m}, sigma x{big_sigma:g}"] = rso_timer(
-                params, layers, x, y, weights, layered=True, speculate=m, sigma_factor=big_sigma)
-    results = {"plain loop": [], **{k: [] for k in timers}}
-    accepted = {"plain loop": float("nan")}
-    n_searched = None
-    for _ in range(repeats):  # interleaved
-        per_w = plain(plain_weights)
-        for label, timer in timers.items():
-            per = timer()
-            n_searched = sum(v[1] for v in per.values())
-            results[label].append(sum(t * n for t, n, _ in per.values()))  # s per cycle
-            accepted[label] = sum(a * n for _, n, a in per.values()) / n_searched
-        results["plain loop"].append(per_w * n_searched)
-    base = statistics.median(results["plain loop"])
-    print(f"{n_searched} searched weights; min/cycle extrapolated from one update of {weights} weights "
-          f"(weights_per_step={weights}) from the start of each leaf ({plain_weights} weights for the plain loop, "
-          f"one leaf for the black-box path, whose cost per weight is uniform); median of {repeats}")
-    print("| method | weights/s | min/cycle | speed-up | accepted |")
-    print("|---|---:|---:|---:|---:|")
-    for label, vals in results.items():
-        cyc = statistics.median(vals)
-        acc = "" if label == "plain loop" else f"{accepted[label]:.0%}"
-        print(f"| {label} | {n_searched / cyc:,.0f} | {cyc / 60:.2f} | {base / cyc:.1f}x | {acc} |")
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny timings")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--weights-per-step", type=int, default=64, help="weights per rso update call")
-    ap.add_argument("--speculate", type=int, default=1,
-                    help="m of the speculative rows (default 1: none; they take minutes each on the paper net)")
-    ap.add_argument("--big-sigma", type=float, default=0.0,
-                    help="sigma factor of the few-accepted rows (default 0: no such rows; the README used 1e4)")
-    ap.add_argument("--nets", default="paper,mlp", help="comma-separated: paper, mlp")
-    args = ap.parse_args()
-    key = jax.random.key(0)
-    batch = min(args.batch, 32) if args.quick else args.batch
-    x = jax.random.uniform(key, (batch, 28, 28, 1))
-    y = jax.random.randint(key, (batch,), 0, 10)
-    repeats = 1 if args.quick else args.repeats
-    weights = 4 if args.quick else args.weights_per_step
-    plain_weights = 3 if args.quick else 10
-    nets = args.nets.split(",")
-    extra = (args.speculate, args.big_sigma)
-    if "paper" in nets:
-        bench("paper MNIST net", *paper_net(key), x, y, weights, plain_weights, repeats, *extra)
-    if "mlp" in nets:
-        bench("MLP 784-128-10", *mlp_net(key), x, y, weights, plain_weights, repeats, *extra)
+    times: dict = {"plain": [], **{k: [] for k in apps}}
+    for _ in range(args.repeats):  # interleaved: plain loop, application at the base batch
+        if plain is not None:
+            times["plain"].append(plain.cycle())
+            print(f"plain loop, batch {base_batch}: {times['plain'][-1]:.1f} s", flush=True)
+        for k, app in apps.items():
+            times[k].append(app.cycle())
+            print(
+                f"application, fresh batch per {k[0]}, batch {k[1]}: {times[k][-1]:.1f} s",
+                flush=True,
+            )
+    for mode, bs in (("chunk", batches[1:]), ("weight", weight_batches)):
+        for b in bs:
+            app = AppCycle(x_train, y_train, batch=b, channels=channels, fresh_batch=mode)
+            times[(mode, b)] = [app.cycle()]
+            apps[(mode, b)] = app
+            print(
+                f"application, fresh batch per {mode}, batch {b}: {times[(mode, b)][-1]:.1f} s",
+                flush=True,
+            )
+    if args.only_plain and plain is None:
+        ap.error("--only-plain and --no-plain exclude each other")
+    weights = plain.weights if plain is not None else next(iter(apps.values())).weights
+    base = statistics.median(times["plain"]) if plain is not None else float("nan")
+    print(
+        f"\n{weights} searched weights per cycle; whole cycles, median of {args.repeats} "
+        "interleaved round(s) for the plain loop and the first application row, one cycle "
+        "for the others"
+    )
+    print("| method | batch | s/cycle | plain loop / method |")
+    print("|---|---:|---:|---:|")
+    if plain is not None:
+        label = "plain loop (3 full lax.conv passes per weight, jitted per leaf)"
+        print(f"| {label} | {base_batch} | {base:.1f} | 1.0x |")
+    for (mode, b), ts in [(k, v) for k, v in times.items() if k != "plain"]:
+        med = statistics.median(ts)
+        ratio = f"{base / med:.1f}x" if b == base_batch else "(other batch)"
+        print(f"| application, fresh batch per {mode} | {b} | {med:.1f} | {ratio} |")
+    return {
+        "plain": base,
+        **{
+            f"{m}@{b}": statistics.median(v)
+            for (m, b), v in [(k, v) for k, v in times.items() if k != "plain"]
+        },
+    }
 
 
 if __name__ == "__main__":

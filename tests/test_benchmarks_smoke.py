@@ -81,6 +81,26 @@ def test_mnist_training_quick(capsys):
     assert "test acc epoch 1" in capsys.readouterr().out
 
 
+def test_rso_quick(capsys):
+    import bench_rso
+
+    results = bench_rso.main(["--quick"])
+    out = capsys.readouterr().out
+    assert set(results) == {"plain", "chunk@32"}
+    assert all(math.isfinite(t) and t > 0 for t in results.values())
+    (row,) = _table_rows(out, "application, fresh batch per chunk")
+    assert row[1] == "32" and float(row[3].rstrip("x")) == pytest.approx(results["plain"] / results["chunk@32"], abs=0.051)
+
+
+def test_rso_peer_quick(capsys):
+    import bench_rso_peer
+
+    records = bench_rso_peer.main(["--quick"])
+    assert records[0]["images"] == 0 and records[-1]["images"] == records[-1]["generation"] * 8 * 32
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in records)
+    assert "evosax PGPE on the paper net" in capsys.readouterr().out
+
+
 def test_run_all_lists_every_script():
     out = subprocess.run(
         [sys.executable, str(BENCH / "run_all.py"), "--list"], capture_output=True, text=True, check=True

@@ -81,6 +81,7 @@ FLAG_DEFAULTS = {
     "batch_size": 64,
     "schedule": "cosine",
     "rso_batch_size": 5000,
+    "rso_fresh_batch": "chunk",
     "devices": 1,
 }
 """Flags parsed with default ``None`` (so "given" differs from "default"), and their defaults."""
@@ -189,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train data-parallel over N local devices (on the CPU: N host devices made "
         "before JAX starts); the batch size must be divisible by N; default 1 (not rso)",
     )
+    p.add_argument(
+        "--rso-fresh-batch",
+        default=None,
+        choices=("chunk", "weight"),
+        help="RSO: a fresh minibatch per chunk of weights (default: chunk) or per weight, "
+        "as the RSO paper's official code",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
 
@@ -199,6 +207,7 @@ OPTIMIZER_FLAGS = (
     "schedule",
     "batch_size",
     "rso_batch_size",
+    "rso_fresh_batch",
     "devices",
 )
 """Flags that only some optimizers take (``OptimizerChoice.flags``), with ``grad_stats``."""
@@ -322,6 +331,7 @@ def _config(args, optimizer: str, checkpoint: str | None):
         hidden=args.hidden,
         rso_batch_size=args.rso_batch_size,
         devices=args.devices,
+        rso_fresh_batch=args.rso_fresh_batch,
     )
     default = TrainConfig()
     for key in (*OPTIMIZER_FLAGS, "grad_stats"):

@@ -20,7 +20,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["MODELS", "cnn", "make_model", "mlp", "patch_conv", "rso_paper", "vit"]
+__all__ = [
+    "MODELS",
+    "InputMean",
+    "SubtractMean",
+    "cnn",
+    "make_model",
+    "mlp",
+    "patch_conv",
+    "rso_paper",
+    "vit",
+]
 
 
 def _flatten(x: jax.Array) -> jax.Array:
@@ -128,24 +138,66 @@ def cnn(rngs: nnx.Rngs, channels: tuple[int, int] = (32, 64), hidden: int = 128)
     )
 
 
-def rso_paper(rngs: nnx.Rngs, channels: int = 16) -> nnx.Sequential:
-    """The MNIST net of the RSO paper (Tripathi & Singh, 2020).
+class InputMean(nnx.Variable):
+    """A constant of the data (not searched, not trained): the training-set pixel mean."""
 
-    Six 3x3 convolutions of ``channels`` filters, each followed by BatchNorm
-    and ReLU; 2x2 average pooling after convolutions 2 and 4; global average
-    pooling; a dense ``channels -> 10`` layer. No biases (BatchNorm's shift
-    plays that role), as in the paper's code: about 12k weights.
+
+class SubtractMean(nnx.Module):
+    """``x - mean``, with ``mean`` a scalar :class:`InputMean` (0 until set from the training set)."""
+
+    def __init__(self, mean: float = 0.0):
+        self.mean = InputMean(jnp.asarray(mean, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x - self.mean[...]
+
+
+def rso_paper(rngs: nnx.Rngs, channels: int = 16) -> nnx.Sequential:
+    """The MNIST net of the RSO paper (Tripathi & Singh, 2020), in the layout of its official code.
+
+    Layer order (rohun-tripathi/RSO-gradient-free, ``train.py``)::
+
+        x - mean
+        conv0 -> BN0
+        ReLU -> conv1 -> avgpool 2x2 -> BN1
+        ReLU -> conv2 -> BN2
+        ReLU -> conv3 -> avgpool 2x2 -> BN3
+        ReLU -> conv4 -> BN4
+        ReLU -> conv5 -> BN5
+        global average pool -> dense channels -> 10
+
+    Every conv is 3x3, ``channels`` filters, padding 1 (``SAME``), no bias; the
+    pooling sits before its BatchNorm; ReLU opens the next conv block, so the
+    last BatchNorm feeds the global average pool without a ReLU. No biases
+    anywhere (BatchNorm's shift plays that role): 12,016 searched values with
+    16 channels (11,664 conv weights, 160 dense weights, 192 BatchNorm scales
+    and shifts). The first layer subtracts the training-set pixel mean (a
+    :class:`InputMean` variable, 0 until the application sets it).
+
+    Example:
+      >>> model = rso_paper(nnx.Rngs(0), channels=4)
+      >>> model(jnp.zeros((2, 28, 28, 1))).shape
+      (2, 10)
     """
-    layers: list = []
+    layers: list = [SubtractMean()]
     c_in = 1
     for i in range(6):
-        layers += [
-            nnx.Conv(c_in, channels, (3, 3), use_bias=False, conv_general_dilated=patch_conv, rngs=rngs),
-            nnx.BatchNorm(channels, rngs=rngs),
-            nnx.relu,
-        ]
+        if i > 0:
+            layers.append(nnx.relu)
+        layers.append(
+            nnx.Conv(
+                c_in,
+                channels,
+                (3, 3),
+                padding="SAME",
+                use_bias=False,
+                conv_general_dilated=patch_conv,
+                rngs=rngs,
+            )
+        )
         if i in (1, 3):
             layers.append(_avg_pool2)
+        layers.append(nnx.BatchNorm(channels, rngs=rngs))
         c_in = channels
     layers += [_global_avg_pool, nnx.Linear(channels, 10, use_bias=False, rngs=rngs)]
     return nnx.Sequential(*layers)

@@ -20,9 +20,20 @@ from optax_neuron.mnist.loop import (
     run_settings,
     summary,
 )
-from optax_neuron.mnist.models import patch_conv
+from optax_neuron.mnist.models import SubtractMean, _global_avg_pool, patch_conv
 
-__all__ = ["RSO_NORM_SIGMA", "calibrate_batch_norm", "rso_layers", "run_rso"]
+__all__ = [
+    "FRESH_BATCH",
+    "RSO_NORM_SIGMA",
+    "RSO_WEIGHT_DECAY",
+    "RSOSearch",
+    "calibrate_batch_norm",
+    "he_sigma",
+    "official_anneal",
+    "official_order",
+    "rso_layers",
+    "run_rso",
+]
 
 
 def _batch_norm(layer: nnx.BatchNorm, i: int) -> Callable:
@@ -45,6 +56,12 @@ def _stateless(fn: Callable) -> Callable:
     return lambda p, h: fn(h)
 
 
+def _is_channelwise(fn: Callable) -> bool:
+    """ReLU and pooling act on every channel (last axis) alone; flattening does not."""
+    pool = getattr(fn, "func", None) in (nnx.avg_pool, nnx.max_pool)
+    return fn is nnx.relu or pool or fn is _global_avg_pool
+
+
 def rso_layers(model: nnx.Sequential) -> list[Callable]:
     """The layers of a Sequential model as ``f(params, h)`` functions for :class:`optax_neuron.LayerStack`.
 
@@ -52,27 +69,42 @@ def rso_layers(model: nnx.Sequential) -> list[Callable]:
     Linear kernels become :func:`optax_neuron.conv_layer` /
     :func:`optax_neuron.dense_layer` (RSO's incremental fast path), followed by
     a bias layer where there is a bias; BatchNorm normalises with the batch's
-    statistics; activations and pooling pass through.
+    statistics; activations and pooling pass through. BatchNorm, biases, ReLU and
+    pooling are declared :func:`optax_neuron.channelwise`, so a candidate of a
+    kernel is carried as one channel to the next linear layer (the incremental
+    path of issue 12).
     """
     layers: list[Callable] = []
     for i, layer in enumerate(model.layers):
         if isinstance(layer, nnx.Conv):
-            strides = layer.strides if isinstance(layer.strides, (tuple, list)) else (layer.strides or 1,)
+            strides = (
+                layer.strides if isinstance(layer.strides, (tuple, list)) else (layer.strides or 1,)
+            )
             if any(int(s) != 1 for s in strides) or layer.feature_group_count != 1:
                 raise ValueError(f"rso_layers: layers/{i} is not a stride-1 ungrouped convolution")
-            layers.append(on.conv_layer(f"layers/{i}/kernel", padding=layer.padding, conv_fn=patch_conv))
+            layers.append(
+                on.conv_layer(f"layers/{i}/kernel", padding=layer.padding, conv_fn=patch_conv)
+            )
         elif isinstance(layer, nnx.Linear):
             layers.append(on.dense_layer(f"layers/{i}/kernel"))
         elif isinstance(layer, nnx.BatchNorm):
-            layers.append(_batch_norm(layer, i))
+            per_channel = [f"layers/{i}/scale", f"layers/{i}/bias"]
+            layers.append(on.channelwise(_batch_norm(layer, i), per_channel=per_channel))
+            continue
+        elif isinstance(layer, SubtractMean):
+            mean = layer.mean[...]  # a data constant, not searched
+            layers.append(lambda p, h, mean=mean: h - mean)
             continue
         elif isinstance(layer, nnx.Module):
             raise ValueError(f"rso_layers: no RSO layer for {type(layer).__name__} at layers/{i}")
+        elif _is_channelwise(layer):
+            layers.append(on.channelwise(_stateless(layer)))
+            continue
         else:
             layers.append(_stateless(layer))
             continue
         if getattr(layer, "bias", None) is not None:
-            layers.append(_add_bias(i))
+            layers.append(on.channelwise(_add_bias(i), per_channel=[f"layers/{i}/bias"]))
     return layers
 
 
@@ -96,12 +128,6 @@ def _cross_entropy(logits, labels):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
-def _searched_count(state: Any, params: Any) -> int:
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    sizes = {on.fan_in.path_str(p): int(np.size(x)) for p, x in leaves}
-    return sum(sizes[k] for k in state.rso_sigma)
-
-
 def _chunk_size(total: int, target: int) -> int:
     """The largest divisor of ``total`` not above ``target`` (whole calls per cycle)."""
     target = max(1, min(target, total))
@@ -109,65 +135,212 @@ def _chunk_size(total: int, target: int) -> int:
     return best if best * 4 >= target else total
 
 
-RSO_NORM_SIGMA = 0.1
-"""RSO step for BatchNorm scale and shift (their std at init is 0)."""
+RSO_NORM_SIGMA = 0.167
+"""RSO step for BatchNorm scale and shift (the official code's 0.167; their std at init is 0)."""
+
+RSO_WEIGHT_DECAY = 1e-4
+"""Weight decay per visit of the official code: ``w <- w * (1 - 1e-4)`` before the candidates."""
+
+FRESH_BATCH = ("chunk", "weight")
+"""``--rso-fresh-batch`` choices: a fresh minibatch per chunk of weights, or per weight."""
+
+
+def official_order(model: nnx.Sequential) -> list[str]:
+    """The official visiting order of the leaves, as ``order=`` globs for :func:`optax_neuron.rso`.
+
+    The last linear (dense) layer first, then every conv layer from last to
+    first, each conv's kernel before the shift (``bias``) and then the scale of
+    the BatchNorm that follows it; a layer that is neither is visited in reverse
+    model order. For ``rso-paper``: ``layers/21/kernel, layers/18/kernel,
+    layers/19/bias, layers/19/scale, layers/15/kernel, ...``.
+    """
+    groups: list[list[str]] = []
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, (nnx.Conv, nnx.Linear)):
+            groups.append([f"layers/{i}/kernel", f"layers/{i}/bias"])
+        elif isinstance(layer, nnx.BatchNorm) and groups:
+            groups[-1] += [f"layers/{i}/bias", f"layers/{i}/scale"]
+        elif isinstance(layer, nnx.BatchNorm):
+            groups.append([f"layers/{i}/bias", f"layers/{i}/scale"])
+    return [g for group in reversed(groups) for g in group] + ["*"]
+
+
+def he_sigma(model: nnx.Sequential) -> list[tuple[str, float | str]]:
+    """``sigma=`` rules: :data:`RSO_NORM_SIGMA` for BatchNorm scale and shift, else the He std.
+
+    ``"he"`` is :func:`optax_neuron.rso`'s ``sqrt(2 / fan_in)`` from the leaf's fan-in axes.
+    """
+    rules: list[tuple[str, float | str]] = []
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, nnx.BatchNorm):
+            rules += [(f"layers/{i}/scale", RSO_NORM_SIGMA), (f"layers/{i}/bias", RSO_NORM_SIGMA)]
+    return [*rules, ("*", "he")]
+
+
+def official_anneal(cycles: int) -> Callable:
+    """The official step schedule ``0.1 + 0.9 (T - c) / T`` for cycle ``c = 0..T-1``."""
+    t = max(int(cycles), 1)
+    return lambda c: 0.1 + 0.9 * (t - c) / t
+
+
+class RSOSearch:
+    """The application's RSO search over one model: the recipe, one jitted chunk step, whole cycles.
+
+    The recipe (the official code's, see DESIGN.md): He initialisation
+    (:func:`optax_neuron.rso_init`), He step per kernel and 0.167 for BatchNorm
+    scale and shift (:func:`he_sigma`), annealed by :func:`official_anneal` over
+    ``cycles``, the official leaf order (:func:`official_order`), neuron by
+    neuron inside a leaf (``within="neuron"``), weight decay
+    :data:`RSO_WEIGHT_DECAY` per visit. Data:
+    ``fresh_batch="chunk"`` scores the ``chunk`` weights of one call on the next
+    minibatch of a per-cycle shuffle of the training set (the loss is a
+    :class:`optax_neuron.LayerStack`, RSO's incremental fast path);
+    ``"weight"`` gives every weight its own minibatch (``per_weight_batch``).
+
+    Example:
+      >>> search = RSOSearch(model, x_train, y_train, batch=256, cycles=5)  # doctest: +SKIP
+      >>> params, state = search.cycle(search.params, search.state, 0)       # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model,
+        x_train,
+        y_train,
+        *,
+        batch: int,
+        cycles: int,
+        chunk: int = 1000,
+        fresh_batch: str = "chunk",
+        seed: int = 0,
+        fast_path: str = "incremental",
+    ):
+        if fresh_batch not in FRESH_BATCH:
+            raise ValueError(f"rso fresh batch must be one of {FRESH_BATCH}, got {fresh_batch!r}")
+        self.n = int(x_train.shape[0])
+        self.batch = min(batch, self.n)
+        self.seed = seed
+        self.fresh_batch = fresh_batch
+        if isinstance(model.layers[0], SubtractMean):
+            model.layers[0].mean[...] = jnp.mean(x_train)
+        self.layers = rso_layers(model)
+        self.graphdef, self.param_state, self.rest = nnx.split(model, nnx.Param, ...)
+        self.params = on.rso_init(jax.random.PRNGKey(seed), nnx.to_pure_dict(self.param_state))
+        kwargs = {
+            "seed": seed,
+            "sigma": he_sigma(model),
+            "anneal": official_anneal(cycles),
+            "order": official_order(model),
+            "within": "neuron",
+            "weight_decay": RSO_WEIGHT_DECAY,
+            "fast_path": fast_path,
+        }
+        probe = on.rso(**kwargs).init(self.params)
+        self.total = _searched_count(probe, self.params)
+        self.chunk = _chunk_size(self.total, chunk)
+        self.calls = self.total // self.chunk
+        self.tx = on.rso(
+            weights_per_step=self.chunk, per_weight_batch=fresh_batch == "weight", **kwargs
+        )
+        self.state = self.tx.init(self.params)
+        self._step = jax.jit(self._chunk_step)
+
+    def _chunk_step(self, params, opt_state, x_train, y_train, perm, call):
+        if self.fresh_batch == "chunk":  # the next minibatch of the cycle's shuffle
+            idx = perm[(call * self.batch + jnp.arange(self.batch)) % self.n]
+            value_fn = on.LayerStack(self.layers, _cross_entropy, x_train[idx], y_train[idx])
+        else:
+
+            def value_fn(p, key):
+                idx = jax.random.randint(key, (self.batch,), 0, self.n)
+                return on.LayerStack(self.layers, _cross_entropy, x_train[idx], y_train[idx])(p)
+
+        updates, opt_state = self.tx.update(params, opt_state, params, value_fn=value_fn)
+        return optax.apply_updates(params, updates), opt_state
+
+    def cycle(self, params, opt_state, cycle: int, x_train, y_train, bar=None):
+        """Search every weight once (cycle number ``cycle``); returns ``(params, opt_state)``."""
+        perm = jax.random.permutation(
+            jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), cycle), self.n
+        )
+        for c in range(self.calls):
+            params, opt_state = self._step(params, opt_state, x_train, y_train, perm, c)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(opt_state.rso_loss):.4f}")
+        return params, opt_state
+
+    def to_model(self, params, x_train):
+        """The model with ``params``, its BatchNorm statistics set from 2000 training images."""
+        nnx.replace_by_pure_dict(self.param_state, params)
+        m = nnx.merge(self.graphdef, self.param_state, self.rest)
+        if any(isinstance(layer, nnx.BatchNorm) for layer in m.layers):
+            calibrate_batch_norm(m, x_train[: min(self.n, 2000)])
+        return m
+
+
+def _searched_count(state: Any, params: Any) -> int:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    sizes = {on.fan_in.path_str(p): int(np.size(x)) for p, x in leaves}
+    return sum(sizes[k] for k in state.rso_sigma)
 
 
 def run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
-    """RSO: ``config.epochs`` cycles over every searched weight, minibatch per call."""
+    """RSO: ``config.epochs`` cycles over every searched weight (:class:`RSOSearch`)."""
     n = x_train.shape[0]
-    batch = min(config.rso_batch_size, n)
-    layers = rso_layers(model)
-    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
-    params = on.rso_init(jax.random.PRNGKey(config.seed), nnx.to_pure_dict(param_state))
     cycles = config.epochs
-    anneal = optax.linear_schedule(1.0, 0.1, max(cycles, 1))
-    # BatchNorm scale and shift start constant (std 0): give them a fixed step.
-    sigma = [("*scale", RSO_NORM_SIGMA), ("*bias", RSO_NORM_SIGMA), ("*", None)]
-    probe = on.rso(seed=config.seed, sigma=sigma).init(params)
-    total = _searched_count(probe, params)
-    chunk = _chunk_size(total, config.rso_chunk)
-    calls = total // chunk
-    tx = on.rso(seed=config.seed, weights_per_step=chunk, anneal=anneal, sigma=sigma)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, call):
-        key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), call)
-        idx = jax.random.choice(key, n, (batch,), replace=False)
-        value_fn = on.LayerStack(layers, _cross_entropy, x_train[idx], y_train[idx])
-        updates, opt_state = tx.update(params, opt_state, params, value_fn=value_fn)
-        return optax.apply_updates(params, updates), opt_state
-
-    def to_model(params):
-        nnx.replace_by_pure_dict(param_state, params)
-        m = nnx.merge(graphdef, param_state, rest)
-        if any(isinstance(l, nnx.BatchNorm) for l in m.layers):
-            calib = jax.random.choice(jax.random.PRNGKey(config.seed + 2), n, (batch,), replace=False)
-            calibrate_batch_norm(m, x_train[calib])
-        return m
+    search = RSOSearch(
+        model,
+        x_train,
+        y_train,
+        batch=config.rso_batch_size,
+        cycles=cycles,
+        chunk=config.rso_chunk,
+        fresh_batch=config.rso_fresh_batch,
+        seed=config.seed,
+    )
+    params, opt_state = search.params, search.state
+    batch, total, chunk = search.batch, search.total, search.chunk
 
     def train(state, cycle):
-        params, opt_state = state["params"], state["rso"]
-        bar = progress_bar(range(calls), f"rso cycle {cycle + 1}/{cycles}", progress, unit="w", unit_scale=chunk)
-        for c in bar:
-            params, opt_state = step(params, opt_state, cycle * calls + c)
-            bar.set_postfix(loss=f"{float(opt_state.rso_loss):.4f}")
+        bar = progress_bar(
+            range(search.calls),
+            f"rso cycle {cycle + 1}/{cycles}",
+            progress,
+            unit="w",
+            unit_scale=chunk,
+        )
+        params, opt_state = search.cycle(state["params"], state["rso"], cycle, x_train, y_train, bar)
+        bar.close()
         return {"params": params, "rso": opt_state}, {"train_loss": float(opt_state.rso_loss)}
 
     def measure(state):
-        model = to_model(state["params"])
-        _, train_accuracy = evaluate(model, x_train[:batch], y_train[:batch], config.eval_batch_size)
-        record = {"train_accuracy": train_accuracy, **evaluate_splits(model, data, config.eval_batch_size)}
+        model = search.to_model(state["params"], x_train)
+        _, train_accuracy = evaluate(
+            model, x_train[:batch], y_train[:batch], config.eval_batch_size
+        )
+        record = {
+            "train_accuracy": train_accuracy,
+            **evaluate_splits(model, data, config.eval_batch_size),
+        }
         record["rso_accepted"] = {k: int(v) for k, v in state["rso"].rso_accepted.items()}
         record["rso_weights"] = total
         return record
 
     settings = run_settings(config, data, tensorboard=writer is not None)
     state, history = run_epochs(
-        {"params": params, "rso": opt_state}, epochs=cycles, settings=settings, train=train,
-        measure=measure, checkpoint=config.checkpoint, resume=config.resume,
-        stop_after=config.stop_after, writer=writer, progress=progress, log=log, name="rso",
+        {"params": params, "rso": opt_state},
+        epochs=cycles,
+        settings=settings,
+        train=train,
+        measure=measure,
+        checkpoint=config.checkpoint,
+        resume=config.resume,
+        stop_after=config.stop_after,
+        writer=writer,
+        progress=progress,
+        log=log,
+        name="rso",
         unit="cycle",
-    )  # fmt: skip
-    return summary(config, n, history, to_model(state["params"]), data)
+    )
+    return summary(config, n, history, search.to_model(state["params"], x_train), data)

@@ -68,7 +68,7 @@ OPTIMIZERS: dict[str, OptimizerChoice] = {
     ),
     "adagrad": OptimizerChoice(lambda lr, _: optax.adagrad(lr), 0.05),
     "adadelta": OptimizerChoice(lambda lr, _: optax.adadelta(lr), 1.0),
-    "rso": OptimizerChoice(None, flags=frozenset({"rso_batch_size"})),  # no gradients: rso.py
+    "rso": OptimizerChoice(None, flags=frozenset({"rso_batch_size", "rso_fresh_batch"})),  # no gradients: rso.py
     "neuron-adam": OptimizerChoice(lambda lr, _: on.neuron_adam(lr), 1e-3),
     "neuron-adam-neuron": OptimizerChoice(
         lambda lr, _: on.neuron_adam(lr, first_moment="neuron"), 1e-3
@@ -163,6 +163,7 @@ class TrainConfig:
     rso_batch_size: int = 5000
     stop_after: int | None = None  # end after this many epochs as if interrupted (tests)
     rso_chunk: int = 1000
+    rso_fresh_batch: str = "chunk"  # RSO: a fresh minibatch per chunk of weights, or per "weight"
     eval_batch_size: int = 1000
     devices: int = 1  # data-parallel over this many local devices (gradient optimizers)
 
