@@ -23,7 +23,7 @@ function). The plain loop and the application at batch 256 run interleaved in
 one process, ``--repeats`` times; the medians are printed.
 
     python benchmarks/bench_rso.py                  # full run (the plain loop is long)
-    python benchmarks/bench_rso.py --quick          # smoke run: 2 channels, batch 32, chunk mode only
+    python benchmarks/bench_rso.py --quick  # smoke run: 2 channels, batch 32, chunk mode only
 """
 
 from __future__ import annotations

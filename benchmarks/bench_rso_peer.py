@@ -5,7 +5,8 @@ The net is the RSO paper's MNIST net in the layout of its official code
 statistics, average pooling after convs 2 and 4, global average pool, dense 16 -> 10;
 12,016 parameters, He initialisation; convolutions as one im2col matrix product,
 :func:`optax_neuron.mnist.models.patch_conv`, which ``vmap`` turns into a batched
-matrix product instead of a grouped convolution that XLA:CPU runs slowly), inputs minus the training-set mean, on
+matrix product instead of a grouped convolution that XLA:CPU runs slowly), inputs minus the
+training-set mean, on
 the application's MNIST split (train 50,000, test 10,000).
 
 PGPE (Sehnke et al., 2010) as implemented by evosax (``evosax.algorithms.PGPE``,
@@ -175,14 +176,15 @@ def run_pgpe(
                 }
             )
             log(
-                f"pgpe: {spent:7.1f} s, generation {gen}, mean population loss {loss:.4f}, test acc {acc:.4f}"
+                f"pgpe: {spent:7.1f} s, generation {gen}, "
+                f"mean population loss {loss:.4f}, test acc {acc:.4f}"
             )
             next_eval += eval_every
     return records
 
 
 def rso_records(path: str) -> tuple[list[dict], dict]:
-    """Per-cycle (search seconds, images evaluated, test accuracy) of an RSO app ``metrics.json``."""
+    """Per-cycle (search seconds, images evaluated, test accuracy) of an RSO ``metrics.json``."""
     doc = json.loads(Path(path).read_text())
     batch = doc["config"]["rso_batch_size"]
     spent, images, out = 0.0, 0, []
@@ -271,18 +273,21 @@ def main(argv=None):
     )
     rso = rso_records(args.rso)[0] if args.rso else None
     print(
-        f"\n## evosax PGPE on the paper net: pop {args.pop}, batch {args.batch}, budget {args.budget:g} s, "
+        f"\n## evosax PGPE on the paper net: pop {args.pop}, batch {args.batch}, "
+        f"budget {args.budget:g} s, "
         f"device {jax.devices()[0].platform}"
     )
     print("| method | search time (s) | image forward passes | test accuracy |")
     print("|---|---:|---:|---:|")
     for r in records[1:]:
         print(
-            f"| PGPE gen {r['generation']} | {r['wall_time']:.0f} | {r['images']:.3g} | {r['test_accuracy']:.4f} |"
+            f"| PGPE gen {r['generation']} | {r['wall_time']:.0f} | {r['images']:.3g} "
+            f"| {r['test_accuracy']:.4f} |"
         )
     for r in rso or []:
         print(
-            f"| RSO cycle {r['cycle']} | {r['wall_time']:.0f} | {r['images']:.3g} | {r['test_accuracy']:.4f} |"
+            f"| RSO cycle {r['cycle']} | {r['wall_time']:.0f} | {r['images']:.3g} "
+            f"| {r['test_accuracy']:.4f} |"
         )
     if args.out:
         plot(

@@ -59,18 +59,18 @@ def main() -> None:
         try:
             with jax.set_mesh(mesh) if kind == AxisType.Explicit else _null():
                 p1, s1, u1 = run(ps, xs, ys)
-        except Exception as e:  # noqa: BLE001 (reported, asserted by the test)
+        except Exception as e:
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             continue
         diff = max(
             float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-            for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1))
+            for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1), strict=True)
         )
         out[name] = {
             "max_param_diff": diff,
             "accepted": {k: int(v) for k, v in s1.rso_accepted.items()},
-            "update_specs": sorted({str(tuple(l.sharding.spec)) for l in jax.tree.leaves(u1)}),
-            "param_specs": sorted({str(tuple(l.sharding.spec)) for l in jax.tree.leaves(p1)}),
+            "update_specs": sorted({str(tuple(a.sharding.spec)) for a in jax.tree.leaves(u1)}),
+            "param_specs": sorted({str(tuple(a.sharding.spec)) for a in jax.tree.leaves(p1)}),
         }
     print(json.dumps(out))
 

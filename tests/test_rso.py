@@ -1,5 +1,7 @@
 """Tests for optax_neuron.rso against a plain Python/NumPy replay of the documented scheme."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from optax_neuron import LayerStack, RSOState, conv_layer, dense_layer, rso, rso
 
 def _mlp_params(key, sizes=(6, 5, 3)):
     params = {}
-    for n, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for n, (a, b) in enumerate(itertools.pairwise(sizes)):
         params[f"l{n}"] = {"kernel": jnp.zeros((a, b)), "bias": jnp.full((b,), 0.1, jnp.float32)}
     return rso_init(key, params)
 
@@ -56,7 +58,9 @@ def _run(tx, params, value_fn_of, calls, batches=None):
 # ------------------------------------------------------------- the reference loop
 
 
-def reference_rso(params, loss, *, seed, weights_per_step, calls, sigma, anneal, visit, per_weight_batch=False):
+def reference_rso(
+    params, loss, *, seed, weights_per_step, calls, sigma, anneal, visit, per_weight_batch=False
+):
     """Plain-Python replay of the documented search.
 
     params: dict of dicts of arrays. loss: a jitted ``loss(params)`` (or
@@ -68,7 +72,7 @@ def reference_rso(params, loss, *, seed, weights_per_step, calls, sigma, anneal,
     sizes = [cur[p.split("/")[0]][p.split("/")[1]].size for p in visit]
     total = sum(sizes)
     cursor, cycle = 0, 0
-    accepted = {p: 0 for p in visit}
+    accepted = dict.fromkeys(visit, 0)
     base = jax.random.key(seed)
     out = []
 
@@ -92,8 +96,10 @@ def reference_rso(params, loss, *, seed, weights_per_step, calls, sigma, anneal,
             z = np.float32(jax.random.normal(k_step, (), jnp.float32))
             dw = np.float32(np.float32(sigma[visit[leaf]]) * np.float32(anneal(cycle))) * z
 
-            def value(tree):
-                return np.float32(loss(as_jax(tree), k_batch) if per_weight_batch else loss(as_jax(tree)))
+            def value(tree, k_batch=k_batch):
+                return np.float32(
+                    loss(as_jax(tree), k_batch) if per_weight_batch else loss(as_jax(tree))
+                )
 
             if per_weight_batch:
                 current = value(cur)
@@ -115,14 +121,23 @@ def reference_rso(params, loss, *, seed, weights_per_step, calls, sigma, anneal,
             cursor += 1
             if cursor == total:
                 cursor, cycle = 0, cycle + 1
-        out.append(({a: {b: v.copy() for b, v in d.items()} for a, d in cur.items()}, cursor, cycle, dict(accepted)))
+        out.append(
+            (
+                {a: {b: v.copy() for b, v in d.items()} for a, d in cur.items()},
+                cursor,
+                cycle,
+                dict(accepted),
+            )
+        )
     return out
 
 
 def _assert_same(tree, ref_tree):
     for a in ref_tree:
         for b in ref_tree[a]:
-            np.testing.assert_array_equal(np.asarray(tree[a][b]), ref_tree[a][b], err_msg=f"{a}/{b}")
+            np.testing.assert_array_equal(
+                np.asarray(tree[a][b]), ref_tree[a][b], err_msg=f"{a}/{b}"
+            )
 
 
 # ------------------------------------------------------------------------ tests
@@ -136,13 +151,27 @@ def test_bit_for_bit_against_reference_loop(order):
     sigma = {"l0/kernel": 0.5, "l1/kernel": 0.3}
     anneal = optax.linear_schedule(1.0, 0.5, 2)  # exact values 1, 0.75, 0.5
     wps, calls = 7, 9  # 63 > 45 searched weights: crosses a cycle boundary
-    tx = rso(seed=3, weights_per_step=wps, sigma=[("l0/*", 0.5), ("l1/*", 0.3)], anneal=anneal, order=order)
-    got = _run(tx, params, lambda: (lambda p: _ce(_mlp_logits(p, x), y)), calls)
+    tx = rso(
+        seed=3,
+        weights_per_step=wps,
+        sigma=[("l0/*", 0.5), ("l1/*", 0.3)],
+        anneal=anneal,
+        order=order,
+    )
+    got = _run(tx, params, lambda: lambda p: _ce(_mlp_logits(p, x), y), calls)
     visit = ["l1/kernel", "l0/kernel"] if order is None else ["l0/kernel", "l1/kernel"]
-    ref = reference_rso(params, loss, seed=3, weights_per_step=wps, calls=calls, sigma=sigma,
-                        anneal=lambda c: float(anneal(c)), visit=visit)
+    ref = reference_rso(
+        params,
+        loss,
+        seed=3,
+        weights_per_step=wps,
+        calls=calls,
+        sigma=sigma,
+        anneal=lambda c: float(anneal(c)),
+        visit=visit,
+    )
     total_accepted = 0
-    for (p, s, _), (rp, cursor, cycle, acc) in zip(got, ref):
+    for (p, s, _), (rp, cursor, cycle, acc) in zip(got, ref, strict=True):
         _assert_same(p, rp)
         assert int(s.rso_cursor) == cursor and int(s.rso_cycle) == cycle
         assert {k: int(v) for k, v in s.rso_accepted.items()} == acc
@@ -162,9 +191,18 @@ def test_bit_for_bit_fresh_minibatch_per_weight():
     got = _run(tx, params, lambda: sampled_loss, 3)
     s0 = tx.init(params)
     sigma = {k: float(v) for k, v in s0.rso_sigma.items()}
-    ref = reference_rso(params, jax.jit(sampled_loss), seed=1, weights_per_step=10, calls=3, sigma=sigma,
-                        anneal=lambda c: 1.0, visit=["l1/kernel", "l0/kernel"], per_weight_batch=True)
-    for (p, s, _), (rp, cursor, _, acc) in zip(got, ref):
+    ref = reference_rso(
+        params,
+        jax.jit(sampled_loss),
+        seed=1,
+        weights_per_step=10,
+        calls=3,
+        sigma=sigma,
+        anneal=lambda c: 1.0,
+        visit=["l1/kernel", "l0/kernel"],
+        per_weight_batch=True,
+    )
+    for (p, s, _), (rp, _cursor, _, acc) in zip(got, ref, strict=True):
         _assert_same(p, rp)
         assert {k: int(v) for k, v in s.rso_accepted.items()} == acc
     assert sum(ref[-1][3].values()) > 0
@@ -177,7 +215,9 @@ def test_default_sigma_is_std_at_init_and_fixed():
     assert set(state.rso_sigma) == {"l0/kernel", "l1/kernel"}  # dense biases are not searched
     for path, s in state.rso_sigma.items():
         a, b = path.split("/")
-        np.testing.assert_allclose(float(s), np.std(np.asarray(params[a][b], np.float64)), rtol=1e-5)
+        np.testing.assert_allclose(
+            float(s), np.std(np.asarray(params[a][b], np.float64)), rtol=1e-5
+        )
 
 
 def test_loss_never_increases_and_few_weights_change():
@@ -185,7 +225,7 @@ def test_loss_never_increases_and_few_weights_change():
     x, y = _data(jax.random.key(3))
     loss = jax.jit(lambda p: _ce(_mlp_logits(p, x), y))
     wps = 4
-    hist = _run(rso(weights_per_step=wps), params, lambda: (lambda p: _ce(_mlp_logits(p, x), y)), 20)
+    hist = _run(rso(weights_per_step=wps), params, lambda: lambda p: _ce(_mlp_logits(p, x), y), 20)
     prev_params, prev_loss, prev_carried = params, float(loss(params)), np.inf
     changed_any = 0
     for p, s, u in hist:
@@ -196,12 +236,16 @@ def test_loss_never_increases_and_few_weights_change():
         assert now <= prev_loss * (1 + 1e-6)
         np.testing.assert_allclose(float(s.rso_loss), now, rtol=1e-6)
         prev_carried = float(s.rso_loss)
-        n_changed = sum(int(np.sum(np.asarray(a) != np.asarray(b)))
-                        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(prev_params)))
+        n_changed = sum(
+            int(np.sum(np.asarray(a) != np.asarray(b)))
+            for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(prev_params), strict=True)
+        )
         assert n_changed <= wps
         assert n_changed == sum(int(np.sum(np.asarray(v) != 0)) for v in jax.tree.leaves(u))
         for layer in p:  # biases are not searched by default
-            np.testing.assert_array_equal(np.asarray(p[layer]["bias"]), np.asarray(params[layer]["bias"]))
+            np.testing.assert_array_equal(
+                np.asarray(p[layer]["bias"]), np.asarray(params[layer]["bias"])
+            )
         changed_any += n_changed
         prev_params, prev_loss = p, now
     assert changed_any > 0
@@ -210,7 +254,9 @@ def test_loss_never_increases_and_few_weights_change():
 def test_nan_candidates_never_accepted():
     params = {"d": {"kernel": jnp.linspace(0.5, 2.0, 12).reshape(3, 4)}}
     # Lower is better, but any negative weight makes the loss NaN.
-    value_fn = lambda p: jnp.where(jnp.any(p["d"]["kernel"] < 0.3), jnp.nan, jnp.sum(p["d"]["kernel"]))
+    value_fn = lambda p: jnp.where(
+        jnp.any(p["d"]["kernel"] < 0.3), jnp.nan, jnp.sum(p["d"]["kernel"])
+    )
     hist = _run(rso(weights_per_step=12, sigma=2.0), params, lambda: value_fn, 5)
     k = np.asarray(hist[-1][0]["d"]["kernel"])
     assert np.all(k >= 0.3)
@@ -218,14 +264,19 @@ def test_nan_candidates_never_accepted():
     # A NaN everywhere except at the start: nothing is ever accepted.
     start = params["d"]["kernel"]
     always_nan = lambda p: jnp.where(jnp.all(p["d"]["kernel"] == start), 1.0, jnp.nan)
-    p, s, u = _run(rso(weights_per_step=12), params, lambda: always_nan, 2)[-1]
+    p, s, _u = _run(rso(weights_per_step=12), params, lambda: always_nan, 2)[-1]
     np.testing.assert_array_equal(np.asarray(p["d"]["kernel"]), np.asarray(start))
     assert int(s.rso_accepted["d/kernel"]) == 0
 
 
 def test_ties_keep_w():
     params = {"d": {"kernel": jnp.ones((2, 2))}}
-    p, s, u = _run(rso(weights_per_step=8, sigma=1.0), params, lambda: (lambda q: jnp.float32(0.0) * q["d"]["kernel"].sum()), 1)[-1]
+    p, s, _u = _run(
+        rso(weights_per_step=8, sigma=1.0),
+        params,
+        lambda: lambda q: jnp.float32(0.0) * q["d"]["kernel"].sum(),
+        1,
+    )[-1]
     np.testing.assert_array_equal(np.asarray(p["d"]["kernel"]), 1.0)
     assert int(s.rso_cycle) == 2 and int(s.rso_cursor) == 0
 
@@ -233,13 +284,16 @@ def test_ties_keep_w():
 def test_same_seed_same_result_other_seed_differs():
     params = _mlp_params(jax.random.key(0))
     x, y = _data(jax.random.key(1))
-    vf = lambda: (lambda p: _ce(_mlp_logits(p, x), y))
+    vf = lambda: lambda p: _ce(_mlp_logits(p, x), y)
     a = _run(rso(seed=5, weights_per_step=20), params, vf, 3)[-1][0]
     b = _run(rso(seed=5, weights_per_step=20), params, vf, 3)[-1][0]
     c = _run(rso(seed=6, weights_per_step=20), params, vf, 3)[-1][0]
-    for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
-    assert any(np.any(np.asarray(la) != np.asarray(lc)) for la, lc in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+    assert any(
+        np.any(np.asarray(la) != np.asarray(lc))
+        for la, lc in zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True)
+    )
 
 
 def test_one_compilation_across_calls():
@@ -277,7 +331,9 @@ def _bn(p, h):
 
 
 def _conv(p, h):
-    return jax.lax.conv_general_dilated(h, p["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+        h, p["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def _small_cnn():
@@ -303,17 +359,29 @@ def _small_cnn():
 def test_incremental_columns_match_recomputed_layers():
     key = jax.random.key(3)
     h = jax.random.normal(key, (2, 5, 4, 3))
-    params = {"c": {"kernel": jax.random.normal(key, (3, 3, 3, 6))}, "d": {"kernel": jax.random.normal(key, (3, 7))}}
-    for layer, shape, x in [(conv_layer("c/kernel"), (3, 3, 3, 6), h), (dense_layer("d/kernel"), (3, 7), h),
-                            (conv_layer("c/kernel", padding="VALID"), (3, 3, 3, 6), h)]:
+    params = {
+        "c": {"kernel": jax.random.normal(key, (3, 3, 3, 6))},
+        "d": {"kernel": jax.random.normal(key, (3, 7))},
+    }
+    for layer, shape, x in [
+        (conv_layer("c/kernel"), (3, 3, 3, 6), h),
+        (dense_layer("d/kernel"), (3, 7), h),
+        (conv_layer("c/kernel", padding="VALID"), (3, 3, 3, 6), h),
+    ]:
         path = layer.kernel.split("/")[0]
         out = layer(params, x)
 
         @jax.jit
         def check(flat, layer=layer, path=path, out=out, shape=shape, x=x):
-            moved = {**params, path: {"kernel": params[path]["kernel"].ravel().at[flat].add(0.5).reshape(shape)}}
-            return (layer(moved, x), layer.add_column(out, x, shape, flat, jnp.float32(0.5)),
-                    layer.add_column(out, x, shape, flat, jnp.float32(0.5), apply=False))
+            moved = {
+                **params,
+                path: {"kernel": params[path]["kernel"].ravel().at[flat].add(0.5).reshape(shape)},
+            }
+            return (
+                layer(moved, x),
+                layer.add_column(out, x, shape, flat, jnp.float32(0.5)),
+                layer.add_column(out, x, shape, flat, jnp.float32(0.5), apply=False),
+            )
 
         for flat in (0, 17, int(np.prod(shape)) - 1):
             expect, got, kept = check(jnp.int32(flat))
@@ -323,11 +391,22 @@ def test_incremental_columns_match_recomputed_layers():
 
 def test_layer_stack_fast_paths_match_black_box():
     params, layers = _small_cnn()
-    layers = [conv_layer("conv0/kernel"), layers[1], conv_layer("conv1/kernel"), layers[3],
-              dense_layer("head/kernel"), lambda p, h: h + p["head"]["bias"]]
+    layers = [
+        conv_layer("conv0/kernel"),
+        layers[1],
+        conv_layer("conv1/kernel"),
+        layers[3],
+        dense_layer("head/kernel"),
+        lambda p, h: h + p["head"]["bias"],
+    ]
     kx, ky = jax.random.split(jax.random.key(7))
-    batches = [(jax.random.normal(jax.random.fold_in(kx, i), (8, 6, 6, 1)),
-                jax.random.randint(jax.random.fold_in(ky, i), (8,), 0, 3)) for i in range(3)]
+    batches = [
+        (
+            jax.random.normal(jax.random.fold_in(kx, i), (8, 6, 6, 1)),
+            jax.random.randint(jax.random.fold_in(ky, i), (8,), 0, 3),
+        )
+        for i in range(3)
+    ]
     sigma = [("*scale", 0.2), ("*bias", 0.2), ("*", None)]
     # Searched: 36 + 144 + 12 kernel weights + 4 x 4 norm = 208; 3 calls x 80 cross a cycle.
     runs = {}
@@ -335,17 +414,26 @@ def test_layer_stack_fast_paths_match_black_box():
         tx = rso(weights_per_step=80, sigma=sigma, seed=4, fast_path=fast_path)
         runs[fast_path] = _run(tx, params, lambda x, y: LayerStack(layers, _ce, x, y), 3, batches)
     black_box = runs["off"]
-    assert set(black_box[0][1].rso_accepted) == {"bn0/bias", "bn0/scale", "bn1/bias", "bn1/scale",
-                                                 "conv0/kernel", "conv1/kernel", "head/kernel"}
+    assert set(black_box[0][1].rso_accepted) == {
+        "bn0/bias",
+        "bn0/scale",
+        "bn1/bias",
+        "bn1/scale",
+        "conv0/kernel",
+        "conv1/kernel",
+        "head/kernel",
+    }
     assert int(black_box[-1][1].rso_cycle) == 1
     assert sum(int(v) for v in black_box[-1][1].rso_accepted.values()) > 10
     for fast_path in ("cache", "incremental"):
-        for (pf, sf, _), (ps, ss, _) in zip(runs[fast_path], black_box):
+        for (pf, sf, _), (ps, ss, _) in zip(runs[fast_path], black_box, strict=True):
             # "cache" evaluates the same float32 losses as the black box. "incremental" differs
             # by rounding only; on this setup no decision flips, so the weights are the same bits.
-            for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(ps)):
+            for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(ps), strict=True):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=fast_path)
-            assert {k: int(v) for k, v in sf.rso_accepted.items()} == {k: int(v) for k, v in ss.rso_accepted.items()}
+            assert {k: int(v) for k, v in sf.rso_accepted.items()} == {
+                k: int(v) for k, v in ss.rso_accepted.items()
+            }
             if fast_path == "cache":
                 assert float(sf.rso_loss) == float(ss.rso_loss)
             else:
@@ -354,7 +442,9 @@ def test_layer_stack_fast_paths_match_black_box():
 
 def test_layer_stack_from_an_nnx_sequential():
     nnx = pytest.importorskip("flax.nnx")
-    model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+    model = nnx.Sequential(
+        nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(1))
+    )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = rso_init(jax.random.key(0), params)
 
@@ -365,8 +455,8 @@ def test_layer_stack_from_an_nnx_sequential():
     x, y = _data(jax.random.key(1))
     tx = rso(weights_per_step=40)
     fast = _run(tx, params, lambda: LayerStack(layers, _ce, x, y), 2)[-1]
-    slow = _run(tx, params, lambda: (lambda p: _ce(nnx.merge(graphdef, p, rest)(x), y)), 2)[-1]
-    for a, b in zip(jax.tree.leaves(fast[0]), jax.tree.leaves(slow[0])):
+    slow = _run(tx, params, lambda: lambda p: _ce(nnx.merge(graphdef, p, rest)(x), y), 2)[-1]
+    for a, b in zip(jax.tree.leaves(fast[0]), jax.tree.leaves(slow[0]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert sum(int(v) for v in fast[1].rso_accepted.values()) > 0
 
@@ -375,19 +465,24 @@ def test_layer_stack_from_an_nnx_sequential():
 
 
 def test_rso_init_distribution_and_key_scheme():
-    params = {"conv": {"kernel": jnp.zeros((3, 3, 8, 64)), "bias": jnp.zeros(64)},
-              "bn": {"scale": jnp.ones(64), "bias": jnp.zeros(64)},
-              "dense": {"kernel": jnp.zeros((300, 50))}}
+    params = {
+        "conv": {"kernel": jnp.zeros((3, 3, 8, 64)), "bias": jnp.zeros(64)},
+        "bn": {"scale": jnp.ones(64), "bias": jnp.zeros(64)},
+        "dense": {"kernel": jnp.zeros((300, 50))},
+    }
     key = jax.random.key(9)
     out = rso_init(key, params)
     np.testing.assert_array_equal(np.asarray(out["bn"]["scale"]), 1.0)
     np.testing.assert_array_equal(np.asarray(out["conv"]["bias"]), 0.0)
     assert abs(float(jnp.std(out["conv"]["kernel"])) / np.sqrt(2 / 72) - 1) < 0.05
     assert abs(float(jnp.std(out["dense"]["kernel"])) / np.sqrt(2 / 300) - 1) < 0.05
-    # documented scheme: split over leaves in tree order (bn/bias, bn/scale, conv/bias, conv/kernel, dense/kernel)
+    # documented scheme: split over leaves in tree order
+    # (bn/bias, bn/scale, conv/bias, conv/kernel, dense/kernel)
     keys = jax.random.split(key, 5)
-    np.testing.assert_array_equal(np.asarray(out["dense"]["kernel"]),
-                                  np.asarray(jax.random.normal(keys[4], (300, 50)) * np.float32(np.sqrt(2 / 300))))
+    np.testing.assert_array_equal(
+        np.asarray(out["dense"]["kernel"]),
+        np.asarray(jax.random.normal(keys[4], (300, 50)) * np.float32(np.sqrt(2 / 300))),
+    )
 
 
 def test_default_search_and_order_rules():
@@ -409,7 +504,9 @@ def test_default_search_and_order_rules():
 
 def test_nnx_optimizer_trains_a_flax_model():
     nnx = pytest.importorskip("flax.nnx")
-    model = nnx.Sequential(nnx.Linear(6, 5, rngs=nnx.Rngs(0)), jnp.tanh, nnx.Linear(5, 3, rngs=nnx.Rngs(1)))
+    model = nnx.Sequential(
+        nnx.Linear(6, 5, rngs=nnx.Rngs(0)), jnp.tanh, nnx.Linear(5, 3, rngs=nnx.Rngs(1))
+    )
     graphdef, params = nnx.split(model, nnx.Param)
     nnx.update(model, rso_init(jax.random.key(0), params))
     opt = nnx.Optimizer(model, rso(weights_per_step=15), wrt=nnx.Param)
@@ -425,19 +522,31 @@ def test_nnx_optimizer_trains_a_flax_model():
         step(model, opt, x, y)
     after = float(_ce(model(x), y))
     assert after < before
-    assert int(opt.opt_state.rso_cycle[...]) == 2  # 45 searched kernel weights (biases are not), 90 visited
+    assert (
+        int(opt.opt_state.rso_cycle[...]) == 2
+    )  # 45 searched kernel weights (biases are not), 90 visited
 
 
 def test_mnist_mlp_reaches_accuracy():
     from optax_neuron.mnist.data import load_mnist
 
     ds = load_mnist()
-    shrink = lambda im: im.reshape(-1, 14, 2, 14, 2).mean((2, 4)).reshape(len(im), -1)  # 14x14 inputs
+    shrink = lambda im: (
+        im.reshape(-1, 14, 2, 14, 2).mean((2, 4)).reshape(len(im), -1)
+    )  # 14x14 inputs
     x, y = jnp.asarray(shrink(ds.train_images[:2000])), jnp.asarray(ds.train_labels[:2000])
     xt, yt = jnp.asarray(shrink(ds.test_images[:2000])), jnp.asarray(ds.test_labels[:2000])
-    params = rso_init(jax.random.key(0), {"hidden": {"kernel": jnp.zeros((196, 16)), "bias": jnp.zeros(16)},
-                                          "out": {"kernel": jnp.zeros((16, 10)), "bias": jnp.zeros(10)}})
-    logits = lambda p, x: jax.nn.relu(x @ p["hidden"]["kernel"] + p["hidden"]["bias"]) @ p["out"]["kernel"] + p["out"]["bias"]
+    params = rso_init(
+        jax.random.key(0),
+        {
+            "hidden": {"kernel": jnp.zeros((196, 16)), "bias": jnp.zeros(16)},
+            "out": {"kernel": jnp.zeros((16, 10)), "bias": jnp.zeros(10)},
+        },
+    )
+    logits = lambda p, x: (
+        jax.nn.relu(x @ p["hidden"]["kernel"] + p["hidden"]["bias"]) @ p["out"]["kernel"]
+        + p["out"]["bias"]
+    )
     n_weights, cycles = 196 * 16 + 16 * 10, 3
     tx = rso(weights_per_step=n_weights // 4, anneal=optax.linear_schedule(1.0, 0.1, cycles))
     rng = np.random.default_rng(0)
@@ -445,7 +554,9 @@ def test_mnist_mlp_reaches_accuracy():
     for _ in range(4 * cycles):
         idx = rng.choice(len(x), 500, replace=False)
         batches.append((x[idx], y[idx]))
-    p, s, _ = _run(tx, params, lambda xb, yb: (lambda q: _ce(logits(q, xb), yb)), 4 * cycles, batches)[-1]
+    p, s, _ = _run(
+        tx, params, lambda xb, yb: lambda q: _ce(logits(q, xb), yb), 4 * cycles, batches
+    )[-1]
     accuracy = float(jnp.mean(jnp.argmax(logits(p, xt), -1) == yt))
     assert int(s.rso_cycle) == cycles
     # measured 0.75 on 2000 test images (chance: 0.1); threshold with margin
@@ -474,11 +585,11 @@ def test_bad_input_errors():
         rso(search={"*": True})
     with pytest.raises(ValueError, match="bn/scale"):  # constant leaf: std 0 at init
         rso().init({"bn": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}})
-    with pytest.raises(ValueError, match="l0/kernel.*positive"):
+    with pytest.raises(ValueError, match=r"l0/kernel.*positive"):
         rso(sigma=[("l0/*", -1.0)]).init(params)
     with pytest.raises(ValueError, match="l0/kernel"):
         rso(order=["l1/*"]).init(params)
-    with pytest.raises(TypeError, match="step.*int"):
+    with pytest.raises(TypeError, match=r"step.*int"):
         rso(search=[("*", True)], sigma=1.0).init({"step": jnp.zeros(3, jnp.int32)})
     with pytest.raises(ValueError, match="no parameter is searched"):
         rso(search=[("nothing", True)]).init(params)
@@ -495,24 +606,39 @@ def test_bad_input_errors():
 
 
 def test_speculative_matches_reference_loop():
-    # The setup of test_bit_for_bit_against_reference_loop: 57 of 63 proposals accepted, a cycle wrap.
+    # The setup of test_bit_for_bit_against_reference_loop:
+    # 57 of 63 proposals accepted, a cycle wrap.
     params = _mlp_params(jax.random.key(0))
     x, y = _data(jax.random.key(1))
     loss = jax.jit(lambda p: _ce(_mlp_logits(p, x), y))
     anneal = optax.linear_schedule(1.0, 0.5, 2)
     wps, calls = 7, 9
-    ref = reference_rso(params, loss, seed=3, weights_per_step=wps, calls=calls,
-                        sigma={"l0/kernel": 0.5, "l1/kernel": 0.3},
-                        anneal=lambda c: float(anneal(c)), visit=["l1/kernel", "l0/kernel"])
+    ref = reference_rso(
+        params,
+        loss,
+        seed=3,
+        weights_per_step=wps,
+        calls=calls,
+        sigma={"l0/kernel": 0.5, "l1/kernel": 0.3},
+        anneal=lambda c: float(anneal(c)),
+        visit=["l1/kernel", "l0/kernel"],
+    )
     assert ref[-1][2] == 1 and sum(ref[-1][3].values()) > 40
     for m in (2, 8):
-        tx = rso(seed=3, weights_per_step=wps, sigma=[("l0/*", 0.5), ("l1/*", 0.3)], anneal=anneal, speculate=m)
-        got = _run(tx, params, lambda: (lambda p: _ce(_mlp_logits(p, x), y)), calls)
-        for (p, s, _), (rp, cursor, cycle, acc) in zip(got, ref):
+        tx = rso(
+            seed=3,
+            weights_per_step=wps,
+            sigma=[("l0/*", 0.5), ("l1/*", 0.3)],
+            anneal=anneal,
+            speculate=m,
+        )
+        got = _run(tx, params, lambda: lambda q: _ce(_mlp_logits(q, x), y), calls)
+        for (p, s, _), (rp, cursor, cycle, acc) in zip(got, ref, strict=True):
             _assert_same(p, rp)
             assert int(s.rso_cursor) == cursor and int(s.rso_cycle) == cycle
             assert {k: int(v) for k, v in s.rso_accepted.items()} == acc
-            # the vmapped evaluation may round the loss differently in the last place (no decision flipped)
+            # the vmapped evaluation may round the loss differently in the last place
+            # (no decision flipped)
             np.testing.assert_allclose(float(s.rso_loss), float(loss(p)), rtol=1e-6)
 
 
@@ -523,21 +649,41 @@ def test_speculative_reevaluates_after_an_acceptance():
     params = {"d": {"kernel": jnp.ones((2, 4), jnp.float32)}}
     value_fn = lambda p: (jnp.sum(p["d"]["kernel"]) - 6.0) ** 2
     wps, calls = 16, 2
-    got = _run(rso(seed=2, weights_per_step=wps, sigma=1.0, speculate=8), params, lambda: value_fn, calls)
-    ref = reference_rso(params, jax.jit(value_fn), seed=2, weights_per_step=wps, calls=calls,
-                        sigma={"d/kernel": 1.0}, anneal=lambda c: 1.0, visit=["d/kernel"])
-    for (p, s, _), (rp, cursor, cycle, acc) in zip(got, ref):
+    got = _run(
+        rso(seed=2, weights_per_step=wps, sigma=1.0, speculate=8), params, lambda: value_fn, calls
+    )
+    ref = reference_rso(
+        params,
+        jax.jit(value_fn),
+        seed=2,
+        weights_per_step=wps,
+        calls=calls,
+        sigma={"d/kernel": 1.0},
+        anneal=lambda c: 1.0,
+        visit=["d/kernel"],
+    )
+    for (p, s, _), (rp, cursor, cycle, acc) in zip(got, ref, strict=True):
         _assert_same(p, rp)
         assert (int(s.rso_cursor), int(s.rso_cycle)) == (cursor, cycle)
         assert {k: int(v) for k, v in s.rso_accepted.items()} == acc
     # by hand: the first round's 8 proposals against the starting point, and the naive batch result
     base = jax.random.key(2)
-    dws = [np.float32(jax.random.normal(jax.random.split(jax.random.fold_in(jax.random.fold_in(base, 0), n))[0],
-                                        (), jnp.float32)) for n in range(8)]
+    dws = [
+        np.float32(
+            jax.random.normal(
+                jax.random.split(jax.random.fold_in(jax.random.fold_in(base, 0), n))[0],
+                (),
+                jnp.float32,
+            )
+        )
+        for n in range(8)
+    ]
     improving = [abs(8.0 - abs(dw) - 6.0) < 2.0 for dw in dws]
     assert sum(improving) >= 2
     naive = 1.0 - np.where(improving, np.abs(dws), 0.0)
-    first_round = np.asarray(got[0][0]["d"]["kernel"]).ravel()  # the first call ends cycle 0 (8 weights) ...
+    first_round = np.asarray(
+        got[0][0]["d"]["kernel"]
+    ).ravel()  # the first call ends cycle 0 (8 weights) ...
     assert not np.array_equal(first_round, naive)  # ... and is not the accept-all-at-once result
     assert sum(ref[-1][3].values()) >= 3
 
@@ -547,8 +693,12 @@ def test_speculative_on_the_other_paths():
     # the weights of the plain reference loop.
     params = _mlp_params(jax.random.key(4), sizes=(6, 5, 3))
     x, y = _data(jax.random.key(5))
-    layers = [dense_layer("l0/kernel"), lambda p, h: jnp.tanh(h + p["l0"]["bias"]),
-              dense_layer("l1/kernel"), lambda p, h: h + p["l1"]["bias"]]
+    layers = [
+        dense_layer("l0/kernel"),
+        lambda p, h: jnp.tanh(h + p["l0"]["bias"]),
+        dense_layer("l1/kernel"),
+        lambda p, h: h + p["l1"]["bias"],
+    ]
     data_x, data_y = _data(jax.random.key(6), n=100)
 
     def sampled_loss(p, key):
@@ -556,15 +706,28 @@ def test_speculative_on_the_other_paths():
         return _ce(_mlp_logits(p, data_x[idx]), data_y[idx])
 
     black_box = jax.jit(lambda p: _ce(_mlp_logits(p, x), y))
-    cases = [(dict(), lambda: LayerStack(layers, _ce, x, y), black_box),
-             (dict(per_weight_batch=True), lambda: sampled_loss, jax.jit(sampled_loss))]
+    cases = [
+        ({}, lambda: LayerStack(layers, _ce, x, y), black_box),
+        ({"per_weight_batch": True}, lambda: sampled_loss, jax.jit(sampled_loss)),
+    ]
     sigma = {"l0/kernel": 0.4, "l1/kernel": 0.4}
     for kw, vf, ref_loss in cases:
         got = _run(rso(seed=1, weights_per_step=12, sigma=0.4, speculate=4, **kw), params, vf, 4)
-        ref = reference_rso(params, ref_loss, seed=1, weights_per_step=12, calls=4, sigma=sigma,
-                            anneal=lambda c: 1.0, visit=["l1/kernel", "l0/kernel"], **kw)
-        for (p, s, _), (rp, cursor, _, acc) in zip(got, ref):
-            _assert_same(p, rp)  # (incremental: rounding-only loss differences, no flip on this setup)
+        ref = reference_rso(
+            params,
+            ref_loss,
+            seed=1,
+            weights_per_step=12,
+            calls=4,
+            sigma=sigma,
+            anneal=lambda c: 1.0,
+            visit=["l1/kernel", "l0/kernel"],
+            **kw,
+        )
+        for (p, s, _), (rp, cursor, _, acc) in zip(got, ref, strict=True):
+            _assert_same(
+                p, rp
+            )  # (incremental: rounding-only loss differences, no flip on this setup)
             assert int(s.rso_cursor) == cursor
             assert {k: int(v) for k, v in s.rso_accepted.items()} == acc
         assert sum(ref[-1][3].values()) > 5, kw
@@ -581,6 +744,10 @@ def test_structural_args_injected_by_inject_hyperparams_get_a_clear_error():
     # the integers that shape the search must say so instead of failing deep inside.
     params = {"dense": {"kernel": jnp.arange(6.0).reshape(3, 2)}}
     with pytest.raises(TypeError, match=r"rso: weights_per_step .*static_args"):
-        optax.inject_hyperparams(rso, static_args=("seed", "speculate"))(weights_per_step=2).init(params)
-    tx = optax.inject_hyperparams(rso, static_args=("seed", "weights_per_step", "speculate"))(weights_per_step=2)
+        optax.inject_hyperparams(rso, static_args=("seed", "speculate"))(weights_per_step=2).init(
+            params
+        )
+    tx = optax.inject_hyperparams(rso, static_args=("seed", "weights_per_step", "speculate"))(
+        weights_per_step=2
+    )
     assert tx.init(params).inner_state.rso_cursor == 0

@@ -102,7 +102,7 @@ def test_incremental_loss_and_commit_match_full_evaluation(k, path, m):
         got, expect, kept, committed, acts, cache = check(jnp.int32(flat), jnp.float32(delta))
         worst = max(worst, abs(float(got) - float(expect)) / abs(float(expect)))
         np.testing.assert_allclose(float(got), float(expect), rtol=RTOL)
-        for a, b in zip(kept, cache):  # not applied: the cache is unchanged
+        for a, b in zip(kept, cache, strict=True):  # not applied: the cache is unchanged
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert len(committed) == m + 2 - k  # the cache holds the inputs of layers k .. m+1
         for j in range(k + 1, m + 2):  # applied: the cached activations of the moved params
@@ -133,9 +133,9 @@ def test_channelwise_search_matches_black_box():
         runs[fast_path] = hist
     assert int(runs["off"][-1][1].rso_cycle) == 1
     assert sum(int(v) for v in runs["off"][-1][1].rso_accepted.values()) > 20
-    for (pf, sf), (pb, sb) in zip(runs["incremental"], runs["off"]):
+    for (pf, sf), (pb, sb) in zip(runs["incremental"], runs["off"], strict=True):
         # rounding-only loss differences: on this setup no decision flips, the weights are equal
-        for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pb)):
+        for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pb), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert {k: int(v) for k, v in sf.rso_accepted.items()} == {
             k: int(v) for k, v in sb.rso_accepted.items()

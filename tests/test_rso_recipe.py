@@ -109,7 +109,7 @@ def _run(tx, params, value_fn, calls):
 
 
 def _compare(got, ref):
-    for (p, s), (rp, cursor, cycle, acc) in zip(got, ref):
+    for (p, s), (rp, cursor, cycle, acc) in zip(got, ref, strict=True):
         for a in rp:
             for b in rp[a]:
                 np.testing.assert_array_equal(np.asarray(p[a][b]), rp[a][b], err_msg=f"{a}/{b}")
@@ -274,7 +274,7 @@ def test_conv_net_official_order_matches_reference():
 
 def test_recipe_bad_input():
     params = {"d": {"kernel": jnp.ones((3, 2))}, "n": {"scale": jnp.ones(2)}}
-    with pytest.raises(ValueError, match="n/scale.*fan-in"):
+    with pytest.raises(ValueError, match=r"n/scale.*fan-in"):
         rso(sigma="he", search=[("*", True)]).init(params)
     with pytest.raises(ValueError, match="within"):
         rso(within="column")
@@ -286,5 +286,5 @@ def test_recipe_bad_input():
         rso(weight_decay=1e-4, speculate=4)
     with pytest.raises(ValueError, match="sigma"):
         rso(sigma="xavier")
-    with pytest.raises(ValueError, match="d/kernel.*'he'"):
+    with pytest.raises(ValueError, match=r"d/kernel.*'he'"):
         rso(sigma=[("*", "lecun")], search=[("d/*", True)]).init(params)

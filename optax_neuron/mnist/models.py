@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +69,12 @@ def patch_conv(
     def ones(v):
         return v is None or all(int(d) == 1 for d in v)
 
-    if isinstance(dimension_numbers, (tuple, list)) and all(isinstance(d, str) for d in dimension_numbers):
-        dimension_numbers = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, tuple(dimension_numbers))
+    if isinstance(dimension_numbers, (tuple, list)) and all(
+        isinstance(d, str) for d in dimension_numbers
+    ):
+        dimension_numbers = jax.lax.conv_dimension_numbers(
+            lhs.shape, rhs.shape, tuple(dimension_numbers)
+        )
     nhwc = dimension_numbers is None or (
         tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
         and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
@@ -86,10 +91,19 @@ def patch_conv(
     )
     if not simple:
         return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-            dimension_numbers, feature_group_count, precision=precision, **kwargs,
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision=precision,
+            **kwargs,
         )
     kh, kw, cin, cout = rhs.shape
+    pads: tuple[tuple[int, ...], ...]
     if padding == "SAME":
         pads = (((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2))
     elif padding == "VALID":
@@ -98,8 +112,12 @@ def patch_conv(
         pads = tuple(tuple(int(q) for q in p) for p in padding)
     x = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
     h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    cols = jnp.concatenate([x[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
-    out = jnp.dot(cols.reshape(-1, kh * kw * cin), rhs.reshape(kh * kw * cin, cout), precision=precision)
+    cols = jnp.concatenate(
+        [x[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1
+    )
+    out = jnp.dot(
+        cols.reshape(-1, kh * kw * cin), rhs.reshape(kh * kw * cin, cout), precision=precision
+    )
     return out.reshape(lhs.shape[0], h, w, cout)
 
 
@@ -143,7 +161,7 @@ class InputMean(nnx.Variable):
 
 
 class SubtractMean(nnx.Module):
-    """``x - mean``, with ``mean`` a scalar :class:`InputMean` (0 until set from the training set)."""
+    """``x - mean``, ``mean`` a scalar :class:`InputMean` (0 until set from the training data)."""
 
     def __init__(self, mean: float = 0.0):
         self.mean = InputMean(jnp.asarray(mean, jnp.float32))
@@ -265,7 +283,12 @@ def vit(
     )
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "rso-paper": rso_paper, "vit": vit}
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "rso-paper": rso_paper,
+    "vit": vit,
+}
 """CLI name -> constructor ``f(rngs) -> nnx.Module``."""
 
 

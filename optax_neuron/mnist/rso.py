@@ -63,7 +63,7 @@ def _is_channelwise(fn: Callable) -> bool:
 
 
 def rso_layers(model: nnx.Sequential) -> list[Callable]:
-    """The layers of a Sequential model as ``f(params, h)`` functions for :class:`optax_neuron.LayerStack`.
+    """The layers of a Sequential model as ``f(params, h)`` for :class:`optax_neuron.LayerStack`.
 
     ``params`` is ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``. Conv and
     Linear kernels become :func:`optax_neuron.conv_layer` /
@@ -224,9 +224,10 @@ class RSOSearch:
         if isinstance(model.layers[0], SubtractMean):
             model.layers[0].mean[...] = jnp.mean(x_train)
         self.layers = rso_layers(model)
-        self.graphdef, self.param_state, self.rest = nnx.split(model, nnx.Param, ...)
+        split: Any = nnx.split(model, nnx.Param, ...)
+        self.graphdef, self.param_state, self.rest = split
         self.params = on.rso_init(jax.random.PRNGKey(seed), nnx.to_pure_dict(self.param_state))
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "seed": seed,
             "sigma": he_sigma(model),
             "anneal": official_anneal(cycles),
@@ -246,6 +247,7 @@ class RSOSearch:
         self._step = jax.jit(self._chunk_step)
 
     def _chunk_step(self, params, opt_state, x_train, y_train, perm, call):
+        value_fn: Callable
         if self.fresh_batch == "chunk":  # the next minibatch of the cycle's shuffle
             idx = perm[(call * self.batch + jnp.arange(self.batch)) % self.n]
             value_fn = on.LayerStack(self.layers, _cross_entropy, x_train[idx], y_train[idx])
@@ -310,7 +312,9 @@ def run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
             unit="w",
             unit_scale=chunk,
         )
-        params, opt_state = search.cycle(state["params"], state["rso"], cycle, x_train, y_train, bar)
+        params, opt_state = search.cycle(
+            state["params"], state["rso"], cycle, x_train, y_train, bar
+        )
         bar.close()
         return {"params": params, "rso": opt_state}, {"train_loss": float(opt_state.rso_loss)}
 

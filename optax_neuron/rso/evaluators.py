@@ -27,9 +27,9 @@ from optax_neuron.rso.layers import ChannelwiseLayer, LayerStack, LinearLayer
 
 
 class Change(NamedTuple):
-    """One element of the searched leaf moved: flat (row-major) ``index``, by ``delta``."""
+    """One element of the searched leaf moved: flat (row-major) ``flat_index``, by ``delta``."""
 
-    index: jax.Array
+    flat_index: jax.Array
     delta: jax.Array  # float32
     key: jax.Array  # the weight's k_batch
 
@@ -100,8 +100,9 @@ class Incremental:
 
     def _channels(self, params, cache, change):
         """(channel o, its new values after each of layers k .. m-1)."""
-        layers, k = self.stack.layers, self.k
-        o, col = layers[k].column(cache[0], self.kshape, change.index)
+        layers: Any = self.stack.layers
+        k = self.k
+        o, col = layers[k].column(cache[0], self.kshape, change.flat_index)
         h = _channel(cache[1], o) + change.delta.astype(cache[1].dtype) * col
         chans = [h]
         for layer in layers[k + 1 : self.m]:
@@ -113,7 +114,7 @@ class Incremental:
         k, m = self.k, self.m
         if m == k + 1 and not self.linear_m:  # nothing channel-wise after: one added column
             out = self.stack.layers[k].add_column(
-                cache[1], cache[0], self.kshape, change.index, change.delta
+                cache[1], cache[0], self.kshape, change.flat_index, change.delta
             )
             return self.stack.from_layer(k + 1, params, out)
         o, chans = self._channels(params, cache, change)

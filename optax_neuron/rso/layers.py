@@ -92,7 +92,8 @@ class LayerStack:
     def __init__(
         self, layers: Sequence[Callable], loss: Callable, inputs: Any, targets: Any = None
     ):
-        self.layers = tuple(layers)
+        # plain functions, or LinearLayer / ChannelwiseLayer objects with more methods
+        self.layers: tuple[Any, ...] = tuple(layers)
         self.loss = loss
         self.inputs = inputs
         self.targets = targets

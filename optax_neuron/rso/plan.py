@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_neuron.fan_in import fan_in_size, first_match, path_str, resolve_fan_in
+from optax_neuron.fan_in import fan_in_axes, fan_in_size, first_match, path_str
 
 SigmaSpec = None | float | str | Sequence[tuple[str, float | str | None]]
 
@@ -91,7 +91,7 @@ class Plan:
         """Row-major flat index of the element at position ``i`` inside visited leaf ``t``."""
         flat = jnp.zeros_like(i)
         rest = i
-        for size, stride in zip(reversed(self.digits[t]), reversed(self.strides[t])):
+        for size, stride in zip(reversed(self.digits[t]), reversed(self.strides[t]), strict=True):
             flat = flat + (rest % size) * stride
             rest = rest // size
         return flat
@@ -103,7 +103,7 @@ def _axis_order(shape: tuple[int, ...], axes: tuple[int, ...], within: str) -> l
         return list(range(nd))
     fan = sorted(a % nd for a in axes)
     outs = [a for a in range(nd) if a not in fan]
-    return outs + [fan[-1]] + fan[:-1]
+    return [*outs, fan[-1], *fan[:-1]]
 
 
 def make_plan(
@@ -119,7 +119,7 @@ def make_plan(
         flags = [bool(first_match(p, rules)[1]) for p in paths]
     searched = [
         i
-        for i, (f, x) in enumerate(zip(flags, leaves))
+        for i, (f, x) in enumerate(zip(flags, leaves, strict=True))
         if f and x is not None and math.prod(jnp.shape(x)) > 0
     ]  # zero-size: skipped
     for i in searched:
@@ -158,9 +158,11 @@ def make_plan(
     shapes = tuple(tuple(int(d) for d in jnp.shape(leaves[i])) for i in visit)
     axes_leaves = [()] * len(leaves)
     if within == "neuron":
-        axes_leaves = treedef.flatten_up_to(resolve_fan_in(fan_in, params))
+        axes = fan_in_axes(params, fan_in)
+        # flatten_up_to is missing from jax's type stub
+        axes_leaves = treedef.flatten_up_to(axes)  # type: ignore[attr-defined]
     digits, strides = [], []
-    for i, shape in zip(visit, shapes):
+    for i, shape in zip(visit, shapes, strict=True):
         row = [int(np.prod(shape[a + 1 :])) for a in range(len(shape))]
         perm = _axis_order(shape, tuple(axes_leaves[i] or ()), within)
         digits.append(tuple(shape[a] for a in perm))
@@ -225,7 +227,7 @@ def owners(stack: Any, params: Any, leaves: list, treedef: Any) -> list[int]:
             return f(jax.tree_util.tree_unflatten(treedef, flat), x)
 
         jaxpr = jax.make_jaxpr(g)(avals, h).jaxpr
-        used = set()
+        used: set[int] = set()
         for eqn in jaxpr.eqns:
             used.update(id(v) for v in eqn.invars)
         used.update(id(v) for v in jaxpr.outvars)

@@ -131,9 +131,10 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
     j = jnp.sum(carry.cursor >= ends).astype(jnp.int32)
     seg_end = ends[j]
     nv = len(plan.visit)
-    mine = list(range(nv)) if k is None else [t for t in range(nv) if s.owner[t] == k]
+    owner: Any = s.owner  # set whenever k is (a layer-stack search)
+    mine = list(range(nv)) if k is None else [t for t in range(nv) if owner[t] == k]
     kshapes = {plan.shapes[t] for t in mine}
-    kshape = next(iter(kshapes)) if len(kshapes) == 1 else None
+    kshape: Any = next(iter(kshapes)) if len(kshapes) == 1 else None
     ev = make_evaluator(s.value_fn, s.per_weight_batch, s.fast_path, k, kshape)
     signs = jnp.asarray([0.0, 1.0, -1.0], jnp.float32)
     cache = ev.start(s.tree_of(carry.work)) if k is not None else ()
@@ -144,7 +145,7 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
         wt = _weight(s, mine, j, i, c.work, c.upd)
         k_batch = rule.weight_key(s.base, c.cycle, c.cursor)[1]
         dw = rule.draw(s.base, c.cycle, c.cursor, s.step(c.cycle, j))
-        index = sum(jnp.where(j == t, wt.idx[t], 0) for t in mine)
+        index = jnp.asarray(sum(jnp.where(j == t, wt.idx[t], 0) for t in mine))
 
         def score(phase):
             trial, _ = _candidate(s, mine, wt, signs[phase] * dw)
@@ -190,7 +191,7 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
             wt = _weight(s, mine, j, ir, c.work, c.upd)
             trial, _ = _candidate(s, mine, wt, sign_dw)
             change = Change(
-                sum(jnp.where(j == t, wt.idx[t], 0) for t in mine),
+                jnp.asarray(sum(jnp.where(j == t, wt.idx[t], 0) for t in mine)),
                 _delta(mine, j, trial, wt.committed),
                 key,
             )
@@ -212,7 +213,7 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
         final, u_new = _candidate(s, mine, wt, ch.sign[first] * dw[first])
         work = _set(c.work, mine, j, wt.idx, final, hit)
         change = Change(
-            sum(jnp.where(j == t, wt.idx[t], 0) for t in mine),
+            jnp.asarray(sum(jnp.where(j == t, wt.idx[t], 0) for t in mine)),
             _delta(mine, j, final, wt.committed),
             k_batch[first],
         )

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_neuron.fan_in import fan_in_size, resolve_fan_in
+from optax_neuron.fan_in import fan_in_axes, fan_in_size
 from optax_neuron.rso.layers import LayerStack
 from optax_neuron.rso.plan import (
     SigmaSpec,
@@ -60,7 +60,7 @@ def _explicit_spec(x: Any):
         return None
     explicit = getattr(mesh, "explicit_axes", None)
     if explicit is None:
-        types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ())))
+        types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=True))
         explicit = tuple(n for n, t in types.items() if t == jax.sharding.AxisType.Explicit)
     # A NamedSharding on the array's own (abstract) mesh: no mesh context needed.
     return jax.sharding.NamedSharding(mesh, spec) if explicit else None
@@ -93,18 +93,18 @@ def _positive_int(name: str, value: Any) -> int:
 
 def rso(
     *,
-    seed: int = 0,
-    weights_per_step: int = 1,
+    seed: int | jax.Array = 0,
+    weights_per_step: int | jax.Array = 1,
     sigma: SigmaSpec = None,
     anneal: Callable[[jax.Array], Any] | None = None,
     order: Any = None,
     within: str = "row-major",
     search: Sequence[tuple[str, bool]] | None = None,
-    weight_decay: float = 0.0,
+    weight_decay: float | jax.Array = 0.0,
     fan_in: Any = None,
     per_weight_batch: bool = False,
     fast_path: str = "incremental",
-    speculate: int = 1,
+    speculate: int | jax.Array = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """RSO random search as an Optax transformation (see :mod:`optax_neuron.rso`).
 
@@ -220,7 +220,7 @@ def rso(
             isinstance(sigma, (list, tuple)) and any(v == "he" for _, v in sigma)
         )
         axes = (
-            plan.treedef.flatten_up_to(resolve_fan_in(fan_in, params))
+            plan.treedef.flatten_up_to(fan_in_axes(params, fan_in))
             if needs_axes
             else [()] * len(leaves)
         )
@@ -273,7 +273,7 @@ def rso(
             raise ValueError(f"rso: value_fn must return a scalar floating loss, got {out}")
         layered = isinstance(value_fn, LayerStack) and fast_path != "off" and not per_weight_batch
         gathered = [_gathered(leaves[i]) for i in plan.visit]
-        for (x, _), i in zip(gathered, plan.visit):
+        for (x, _), i in zip(gathered, plan.visit, strict=True):
             leaves[i] = x
         p0 = [jnp.ravel(x) for x, _ in gathered]
         owner = None
@@ -328,15 +328,15 @@ def rso_init(key: jax.Array, params: Any, fan_in: Any = None) -> Any:
     """The RSO paper's initialisation: ``W ~ N(0, sqrt(2 / fan_in))`` per kernel.
 
     Every leaf whose fan-in axes (resolved by
-    :func:`optax_neuron.fan_in.resolve_fan_in`) are non-empty -- Dense and Conv
+    :func:`optax_neuron.fan_in.fan_in_axes`) are non-empty -- Dense and Conv
     kernels -- is redrawn with standard deviation ``sqrt(2 / fan_in)``, where
     ``fan_in`` is the product of its fan-in dimensions. Leaves with no fan-in
     axes (biases, norm scales and offsets) and ``None`` leaves are returned
     unchanged (the official code keeps norm scale 1 and offset 0).
 
     Key scheme: ``keys = jax.random.split(key, L)`` over the ``L`` leaves in tree
-    order (``None`` leaves included); leaf ``l`` gets
-    ``jax.random.normal(keys[l], shape, dtype) * sqrt(2 / fan_in)``.
+    order (``None`` leaves included); leaf ``i`` gets
+    ``jax.random.normal(keys[i], shape, dtype) * sqrt(2 / fan_in)``.
 
     Args:
       key: a PRNG key.
@@ -353,16 +353,17 @@ def rso_init(key: jax.Array, params: Any, fan_in: Any = None) -> Any:
       >>> round(float(p["d"]["kernel"].std()), 2), float(p["d"]["bias"].sum())
       (0.05, 0.0)
     """
-    axes = resolve_fan_in(fan_in, params)
+    axes = fan_in_axes(params, fan_in)
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_none)
-    axes_leaves = treedef.flatten_up_to(axes)
+    # flatten_up_to is missing from jax's type stub
+    axes_leaves = treedef.flatten_up_to(axes)  # type: ignore[attr-defined]
     keys = jax.random.split(key, max(len(leaves), 1))
     out = []
-    for l, (x, ax) in enumerate(zip(leaves, axes_leaves)):
+    for i, (x, ax) in enumerate(zip(leaves, axes_leaves, strict=True)):
         if x is None or not ax:
             out.append(x)
             continue
         shape, dtype = jnp.shape(x), jnp.result_type(x)
         std = math.sqrt(2.0 / fan_in_size(shape, ax))
-        out.append((jax.random.normal(keys[l], shape, dtype) * std).astype(dtype))
+        out.append((jax.random.normal(keys[i], shape, dtype) * std).astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -68,7 +68,7 @@ def test_rso_paper_layer_order():
         expected += block(i in (1, 3))
     expected += ["_global_avg_pool", "Linear"]
     assert kinds == expected
-    convs = [l for l in model.layers if isinstance(l, nnx.Conv)]
+    convs = [m for m in model.layers if isinstance(m, nnx.Conv)]
     assert [c.kernel.shape for c in convs] == [(3, 3, 1, 16)] + [(3, 3, 16, 16)] * 5
     assert all(c.bias is None and c.padding == "SAME" for c in convs)
     assert model.layers[-1].kernel.shape == (16, 10) and model.layers[-1].bias is None
@@ -85,14 +85,14 @@ def test_rso_paper_matches_numpy_reference(channels):
     model = make_model("rso-paper", nnx.Rngs(4), channels=channels)
     model.train()  # batch statistics, as the official code's forward
     rng = np.random.default_rng(0)
-    bns = [l for l in model.layers if isinstance(l, nnx.BatchNorm)]
+    bns = [m for m in model.layers if isinstance(m, nnx.BatchNorm)]
     for bn in bns:  # non-trivial scale and shift, so their placement matters
         bn.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32)
         bn.bias[...] = jnp.asarray(rng.normal(0, 0.3, channels), jnp.float32)
     mean = 0.13
     model.layers[0].mean[...] = jnp.float32(mean)
     x = rng.uniform(0, 1, (5, 28, 28, 1)).astype(np.float32)
-    convs = [l for l in model.layers if isinstance(l, nnx.Conv)]
+    convs = [m for m in model.layers if isinstance(m, nnx.Conv)]
     ref = _np_paper_net(
         x,
         mean,

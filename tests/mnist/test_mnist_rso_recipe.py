@@ -27,7 +27,8 @@ def _paper(channels=2):
 
 def test_official_leaf_order_of_the_paper_net():
     model = _paper()
-    # Layer indices of rso-paper: convs 1, 4, 8, 11, 15, 18; BatchNorms 2, 6, 9, 13, 16, 19; dense 21.
+    # Layer indices of rso-paper: convs 1, 4, 8, 11, 15, 18; BatchNorms 2, 6, 9, 13, 16, 19;
+    # dense 21.
     expected = ["layers/21/kernel"]
     for conv, bn in ((18, 19), (15, 16), (11, 13), (8, 9), (4, 6), (1, 2)):
         expected += [f"layers/{conv}/kernel", f"layers/{bn}/bias", f"layers/{bn}/scale"]
@@ -87,7 +88,7 @@ def test_chunk_mode_scores_each_chunk_on_the_next_minibatch_of_the_shuffle():
         idx = perm[(c * 16 + np.arange(16)) % 64]
         u, ref_state = step(ref, ref_state, x[idx], y[idx])
         ref = optax.apply_updates(ref, u)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert sum(int(v) for v in state.rso_accepted.values()) > 0
 
@@ -106,7 +107,7 @@ def test_channelwise_declarations_keep_the_exact_decisions():
     assert {k: int(v) for k, v in s_inc.rso_accepted.items()} == {
         k: int(v) for k, v in s_full.rso_accepted.items()
     }
-    for a, b in zip(jax.tree.leaves(p_inc), jax.tree.leaves(p_full)):
+    for a, b in zip(jax.tree.leaves(p_inc), jax.tree.leaves(p_full), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
@@ -118,7 +119,7 @@ def test_weight_mode_runs_a_cycle_and_never_raises_the_loss_on_average():
     assert np.isfinite(float(state.rso_loss))
     assert any(
         not np.array_equal(a, b)
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(search.params))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(search.params), strict=True)
     )
 
 
