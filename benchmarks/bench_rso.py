@@ -71,9 +71,15 @@ def _avg_pool(h: jax.Array) -> jax.Array:
 
 
 def paper_forward(
-    params: dict, x: jax.Array, conv: Callable = jax.lax.conv_general_dilated
+    params: dict,
+    x: jax.Array,
+    conv: Callable = jax.lax.conv_general_dilated,
+    norm: Callable = _batch_norm,
 ) -> jax.Array:
-    """Logits of the paper net (official layout, batch statistics); ``lax.conv`` by default."""
+    """Logits of the paper net (official layout, batch statistics); ``lax.conv`` by default.
+
+    ``norm(p, h)`` is the BatchNorm (default: the statistics of the batch ``h``).
+    """
     h = x
     for i in range(6):
         if i > 0:
@@ -87,7 +93,7 @@ def paper_forward(
         )
         if i in (1, 3):
             h = _avg_pool(h)
-        h = _batch_norm(params[f"norm{i}"], h)
+        h = norm(params[f"norm{i}"], h)
     return jnp.mean(h, axis=(1, 2)) @ params["head"]["kernel"]
 
 

@@ -56,29 +56,14 @@ def forward_with_stats(params: dict, x: jax.Array, calib: jax.Array) -> jax.Arra
     both = jnp.concatenate([calib, x])
     n = calib.shape[0]
 
-    # The net normalises with the batch's statistics; feeding calib first and
-    # masking is not possible there, so run the layers by hand with calib's stats.
+    # The net normalises with the batch's statistics: run calib and x as one batch
+    # whose BatchNorms take their statistics from calib's rows only.
     def bn(p, h):
         mean = jnp.mean(h[:n], axis=(0, 1, 2))
         var = jnp.var(h[:n], axis=(0, 1, 2))
         return (h - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
 
-    h = both
-    for i in range(6):
-        if i > 0:
-            h = jax.nn.relu(h)
-        h = patch_conv(
-            h,
-            params[f"conv{i}"]["kernel"],
-            (1, 1),
-            "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        if i in (1, 3):
-            b, hh, ww, c = h.shape
-            h = h.reshape(b, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
-        h = bn(params[f"norm{i}"], h)
-    return (jnp.mean(h, axis=(1, 2)) @ params["head"]["kernel"])[n:]
+    return paper_forward(params, both, patch_conv, norm=bn)[n:]
 
 
 def _ce(logits, y):
