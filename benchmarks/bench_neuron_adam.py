@@ -42,10 +42,11 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import format_table, machine_line, tree_bytes  # noqa: E402
-from optax_neuron.mnist.data import load_mnist  # noqa: E402
-from optax_neuron.mnist.models import make_model  # noqa: E402
-from optax_neuron.mnist.train import DEFAULTS, evaluate, make_optimizer  # noqa: E402
+from common import format_table, machine_line, tree_bytes
+
+from optax_neuron.mnist.data import load_mnist
+from optax_neuron.mnist.models import make_model
+from optax_neuron.mnist.train import DEFAULTS, evaluate, make_optimizer
 
 OPTIMIZERS = (
     "adam",

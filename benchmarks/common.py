@@ -58,7 +58,9 @@ def machine_line() -> str:
 
 def tree_bytes(tree: Any) -> int:
     """Total bytes of the array leaves of ``tree``."""
-    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
+    return int(
+        sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    )
 
 
 @dataclass
@@ -121,6 +123,10 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def add_common_args(parser: argparse.ArgumentParser, repeats: int = 15) -> argparse.ArgumentParser:
     """``--quick`` (a few repeats on small inputs: proves the script runs) and ``--repeats``."""
-    parser.add_argument("--quick", action="store_true", help="tiny run that only proves the script works")
-    parser.add_argument("--repeats", type=int, default=None, help=f"timed repeats per candidate (default {repeats})")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny run that only proves the script works"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help=f"timed repeats per candidate (default {repeats})"
+    )
     return parser

@@ -32,7 +32,9 @@ def test_common_helpers():
     import jax.numpy as jnp
     from common import Runner, format_table, machine_line, time_interleaved, tree_bytes
 
-    assert tree_bytes({"a": jnp.zeros((3, 4)), "b": [jnp.zeros(5, jnp.float16)]}) == 3 * 4 * 4 + 5 * 2
+    assert (
+        tree_bytes({"a": jnp.zeros((3, 4)), "b": [jnp.zeros(5, jnp.float16)]}) == 3 * 4 * 4 + 5 * 2
+    )
     assert "jax" in machine_line() and "device" in machine_line()
     order = []
     runners = [Runner(n, lambda s, n=n: order.append(n) or s + 1, 0) for n in "ab"]
@@ -83,11 +85,18 @@ def test_mnist_training_quick(capsys):
 
 def test_run_all_lists_every_script():
     out = subprocess.run(
-        [sys.executable, str(BENCH / "run_all.py"), "--list"], capture_output=True, text=True, check=True
+        [sys.executable, str(BENCH / "run_all.py"), "--list"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert out == sorted(p.name for p in BENCH.glob("bench_*.py"))
     assert {"bench_update_step.py", "bench_monitoring.py", "bench_mnist_training.py"} <= set(out)
-    bad = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--only", "nothing_like_this"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "run_all.py"), "--only", "nothing_like_this"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "matches no benchmark" in bad.stderr
 
 

@@ -41,7 +41,8 @@ def _write_pickle(path, obj, protocol=4):  # 3+: bytes without _codecs.encode
 def _splits(n=6, seed=0):
     rng = np.random.default_rng(seed)
     return tuple(
-        (rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64)) for _ in range(3)
+        (rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64))
+        for _ in range(3)
     )
 
 

@@ -43,7 +43,9 @@ def test_patch_conv_equals_lax_conv(shape, kernel, padding):
 
 def test_patch_conv_falls_back_for_strides():
     x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 3))
-    ref = jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ref = jax.lax.conv_general_dilated(
+        x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(patch_conv(x, w, (2, 2), "SAME", dimension_numbers=dn), ref)
 
@@ -107,8 +109,14 @@ def test_vit_shapes_patches_and_attention_fan_in():
     # Patches: row-major 7x7 tiles, tile (r, c) = image[7r:7r+7, 7c:7c+7], flattened row by row.
     embed = PatchEmbedding(7, 5, nnx.Rngs(0))
     x = np.random.default_rng(0).standard_normal((2, 28, 28, 1)).astype(np.float32)
-    tiles = np.stack([x[:, 7 * r : 7 * r + 7, 7 * c : 7 * c + 7, 0].reshape(2, 49)
-                      for r in range(4) for c in range(4)], axis=1)
+    tiles = np.stack(
+        [
+            x[:, 7 * r : 7 * r + 7, 7 * c : 7 * c + 7, 0].reshape(2, 49)
+            for r in range(4)
+            for c in range(4)
+        ],
+        axis=1,
+    )
     want = tiles @ np.asarray(embed.proj.kernel[...]) + np.asarray(embed.proj.bias[...])
     want = want + np.asarray(embed.embedding[...])
     np.testing.assert_allclose(embed(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
