@@ -100,7 +100,8 @@ def main(argv=None) -> dict:
     print(machine_line())
     print(
         f"MNIST {model}, {n} training images, batch {batch}, {epochs} epochs, seed {args.seed}; "
-        f"epochs interleaved across optimizers, compiled ahead of time; test set {len(test_y)} images\n"
+        "epochs interleaved across optimizers, compiled ahead of time; "
+        f"test set {len(test_y)} images\n"
     )
     trainees = [Trainee(name, model, args.seed, batch, x, y) for name in OPTIMIZERS]
     report_epochs = sorted({1, epochs} & set(range(1, epochs + 1)))

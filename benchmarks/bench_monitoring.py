@@ -36,7 +36,7 @@ from optax_neuron.mnist.models import cnn
 def make_runner(
     name: str, tx: optax.GradientTransformation, x: jax.Array, y: jax.Array, seed: int = 0
 ) -> Runner:
-    """A jitted train step ``state -> state`` of a fresh CNN trained with ``tx`` on the batch ``(x, y)``."""
+    """A jitted train step ``state -> state`` of a fresh CNN trained with ``tx`` on ``(x, y)``."""
     model = cnn(nnx.Rngs(seed))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
@@ -78,7 +78,8 @@ def main(argv=None) -> dict:
     y = jnp.asarray(data.train_labels[:batch])
     print(machine_line())
     print(
-        f"MNIST CNN train step (forward + backward + update), batch {batch}, jitted, state donated; "
+        "MNIST CNN train step (forward + backward + update), "
+        f"batch {batch}, jitted, state donated; "
         f"median of {repeats} interleaved repeats\n"
     )
 

@@ -191,7 +191,7 @@ def plot(results: dict, path: Path, smooth: int) -> None:
         "momentum": ("tab:blue", "-"),
     }
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.6), squeeze=False)
-    for ax, (model_name, runs) in zip(axes[0], results.items()):
+    for ax, (model_name, runs) in zip(axes[0], results.items(), strict=True):
         for name, r in runs.items():
             loss = np.asarray(r["losses"])
             k = max(1, min(smooth, len(loss)))

@@ -58,13 +58,14 @@ def mlp_params(key, sizes=(784, 1024, 1024, 10)):
     keys = jax.random.split(key, len(sizes) - 1)
     return {
         "layers": {
-            str(i): _dense(k, a, b) for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))
+            str(i): _dense(k, a, b)
+            for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True))
         }
     }
 
 
 def cnn_params(key):
-    """The parameters of the application's MNIST CNN (``optax_neuron.mnist.models.cnn``) as a pure dict."""
+    """The parameters of the application's MNIST CNN (``optax_neuron.mnist.models.cnn``), a dict."""
     from flax import nnx
 
     from optax_neuron.mnist.models import cnn
@@ -160,7 +161,7 @@ def make_runner(name, tx, params, grads) -> Runner:
 
 
 def _library_fan_in_mean():
-    """The fan-in mean ``neuron_mean_trace`` computes (a private helper; ``jnp.mean`` if it moves)."""
+    """The fan-in mean ``neuron_mean_trace`` computes (a private helper; ``jnp.mean`` if moved)."""
     try:
         from optax_neuron.neuron_mean import _fan_in_mean
 
@@ -170,7 +171,7 @@ def _library_fan_in_mean():
 
 
 def reduction_runner(params, grads) -> Runner:
-    """Diagnostic: only the fan-in means of the gradients (what neuron-mean adds to a plain SGD pass)."""
+    """Diagnostic: only the fan-in means of the gradients (what neuron-mean adds to plain SGD)."""
     axes = on.resolve_fan_in(None, params)
     fan_in_mean = _library_fan_in_mean()
 
@@ -202,7 +203,7 @@ def memory_rows(tree_name, params) -> list:
     flat_s = jax.tree.leaves(state)
     k_full = k_state = k_pred = 0.0
     kernel_rows = []
-    for (path, p), ax, s in zip(flat_p, flat_a, flat_s):
+    for (path, p), ax, s in zip(flat_p, flat_a, flat_s, strict=True):
         if not ax:
             continue
         fan = fan_in_size(p.shape, ax)
@@ -260,7 +261,7 @@ def main(argv=None) -> dict:
                     f"{x.median / sgd:.2f}",
                 ]
             )
-        row, kernel_rows = memory_rows(tree_name, params)
+        row, _kernel_rows = memory_rows(tree_name, params)
         mem_rows.append(row)
         del runners, params, grads
 

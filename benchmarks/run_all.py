@@ -24,14 +24,18 @@ HERE = Path(__file__).resolve().parent
 
 
 def scripts(only: str | None = None) -> list[Path]:
-    """The ``bench_*.py`` scripts, sorted; ``only`` keeps those whose name contains one of its comma-separated parts."""
+    """The ``bench_*.py`` scripts, sorted.
+
+    ``only`` keeps those whose name contains one of its comma-separated parts.
+    """
     found = sorted(HERE.glob("bench_*.py"))
     if only:
         parts = [p.strip() for p in only.split(",") if p.strip()]
         found = [s for s in found if any(p in s.stem for p in parts)]
         if not found:
             raise SystemExit(
-                f"--only {only!r} matches no benchmark; have {[s.stem for s in sorted(HERE.glob('bench_*.py'))]}"
+                f"--only {only!r} matches no benchmark; have "
+                f"{[s.stem for s in sorted(HERE.glob('bench_*.py'))]}"
             )
     return found
 

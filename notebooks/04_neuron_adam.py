@@ -74,7 +74,8 @@ for mode in ("full", "neuron"):
     state = on.scale_by_neuron_adam(first_moment=mode).init(params)
     print(
         f"{mode:6s} mu {state.neuron_adam_mu['dense']['kernel'].shape}, "
-        f"nu {state.neuron_adam_nu['dense']['kernel'].shape}, bias nu {state.neuron_adam_nu['dense']['bias'].shape}"
+        f"nu {state.neuron_adam_nu['dense']['kernel'].shape}, "
+        f"bias nu {state.neuron_adam_nu['dense']['bias'].shape}"
     )
 
 b1, b2, eps = 0.9, 0.999, 1e-8
@@ -96,7 +97,8 @@ for t in range(1, 201):
         worst, float(np.max(np.abs(np.asarray(u["dense"]["kernel"]) - ref) / np.abs(ref).max()))
     )
 print(
-    f"200 steps, largest difference to the full-accumulator reference: {worst:.1e} of the largest update"
+    "200 steps, largest difference to the full-accumulator reference: "
+    f"{worst:.1e} of the largest update"
 )
 
 # %% [markdown]
@@ -215,8 +217,8 @@ for model_name in models:
 # %%
 fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.4), squeeze=False)
 k = 20 if FULL else 2
-for ax, model_name in zip(axes[0], models):
-    for name, style in zip(optimizers, ("k-", "r-", "r--")):
+for ax, model_name in zip(axes[0], models, strict=True):
+    for name, style in zip(optimizers, ("k-", "r-", "r--"), strict=True):
         loss = runs[model_name, name]["losses"]
         ax.plot(
             np.arange(k, len(loss) + 1),
@@ -318,15 +320,16 @@ for name, tx in {
 
     out = []
     for _ in range(1000 if FULL else 300):
-        p, s, l = step(p, s)
-        out.append(float(l))
+        p, s, loss = step(p, s)
+        out.append(float(loss))
     curves[name] = np.array(out)
     print(
-        f"{name:20s} loss after 100 / 300 / last step: {out[99]:.2e} / {out[299]:.2e} / {out[-1]:.2e}"
+        f"{name:20s} loss after 100 / 300 / last step: "
+        f"{out[99]:.2e} / {out[299]:.2e} / {out[-1]:.2e}"
     )
 
 fig, ax = plt.subplots(figsize=(6, 3.2))
-for (name, c), style in zip(curves.items(), ("k-", "r-", "r--")):
+for (name, c), style in zip(curves.items(), ("k-", "r-", "r--"), strict=True):
     ax.plot(c, style, label=name)
 ax.set_yscale("log")
 ax.set_xlabel("step")

@@ -58,7 +58,7 @@ def test_update_step_quick(capsys):
     # 8.2: kernel state / momentum trace = sum(size / fan_in) / sum(size), from the CNN's shapes.
     shapes = [((3, 3, 1, 32), 9), ((3, 3, 32, 64), 9 * 32), ((3136, 128), 3136), ((128, 10), 128)]
     size = [math.prod(s) for s, _ in shapes]
-    predicted = sum(n / f for n, (_, f) in zip(size, shapes)) / sum(size)
+    predicted = sum(n / f for n, (_, f) in zip(size, shapes, strict=True)) / sum(size)
     (row,) = _table_rows(out, "MNIST CNN (app)")[-1:]
     assert float(row[5]) == pytest.approx(predicted, abs=1e-5)
     assert float(row[4]) < 0.01  # all state (biases included) vs the momentum trace

@@ -113,7 +113,8 @@ CASES = [
         "optimizer",
         ("neuron_momentum",),
     ),
-    # Adam-type steps are ~lr long: Rosenbrock at lr 2e-3 falls by 5.7-6.1x in 1000 steps (optax.adam: 6.06x).
+    # Adam-type steps are ~lr long: Rosenbrock at lr 2e-3 falls by 5.7-6.1x in 1000 steps
+    # (optax.adam: 6.06x).
     Case(
         "scale_by_neuron_adam",
         on.scale_by_neuron_adam,
@@ -306,7 +307,7 @@ def assert_trees_equal(a, b, exact: bool = True, rtol: float = 1e-6):
         jax.tree.structure(a),
         jax.tree.structure(b),
     )
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert jnp.shape(x) == jnp.shape(y) and jnp.result_type(x) == jnp.result_type(y)
         x, y = _as_numpy(x), _as_numpy(y)
         if exact:
@@ -365,7 +366,7 @@ def test_dtype_preserved(case, dtype):
         params_, state, ups = run_steps(case, tx, params, loss, 2)
         for u in ups:
             assert jax.tree.structure(u) == jax.tree.structure(params)
-            for leaf, p in zip(jax.tree.leaves(u), jax.tree.leaves(params)):
+            for leaf, p in zip(jax.tree.leaves(u), jax.tree.leaves(params), strict=True):
                 assert leaf.dtype == jnp.dtype(dtype) and leaf.shape == p.shape
         assert jax.tree.map(lambda x: (x.dtype, x.shape), state) == jax.tree.map(
             lambda x: (x.dtype, x.shape), state0

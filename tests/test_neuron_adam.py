@@ -230,7 +230,7 @@ def test_no_fan_in_axes_is_optax_adam_and_adamw(first_moment):
             )
             u, s = tx.update(g, s, p)
             w, r = ref.update(g, r, p)
-            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(w)):
+            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(w), strict=True):
                 np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
             p = optax.apply_updates(p, u)
 
@@ -320,7 +320,7 @@ def test_nnx_optimizer_matches_the_plain_transformation():
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
     got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     nu = optax.tree.get(opt.opt_state, "neuron_adam_nu")
     assert jnp.shape(nu["layers"][0]["kernel"]) == (1, 4) and jnp.shape(

@@ -32,8 +32,8 @@ def test_patch_conv_equals_lax_conv(shape, kernel, padding):
     def both(x, w):  # values and gradients (what training uses) of both implementations
         out = []
         for conv in (patch_conv, jax.lax.conv_general_dilated):
-            f = lambda w: conv(x, w, (1, 1), padding, dimension_numbers=dn, precision=hi)
-            out.append((f(w), jax.grad(lambda w: jnp.sum(jnp.sin(f(w))))(w)))
+            f = lambda w, conv=conv: conv(x, w, (1, 1), padding, dimension_numbers=dn, precision=hi)
+            out.append((f(w), jax.grad(lambda w, f=f: jnp.sum(jnp.sin(f(w))))(w)))
         return out
 
     (got, got_grad), (ref, ref_grad) = both(x, w)
@@ -73,8 +73,10 @@ def test_models_shapes_and_sizes():
     assert shape == (3, 10)
     # 6 conv3x3 (16 filters, no bias) + 6 BatchNorm (scale, shift) + dense 16 -> 10 without bias
     assert n == 9 * 16 + 5 * 9 * 16 * 16 + 6 * 2 * 16 + 16 * 10
-    convs = [l for l in paper.layers if isinstance(l, nnx.Conv)]
-    pools = [i for i, l in enumerate(paper.layers) if getattr(l, "func", None) is nnx.avg_pool]
+    convs = [layer for layer in paper.layers if isinstance(layer, nnx.Conv)]
+    pools = [
+        i for i, layer in enumerate(paper.layers) if getattr(layer, "func", None) is nnx.avg_pool
+    ]
     assert len(convs) == 6 and len(pools) == 2
     with pytest.raises(ValueError, match="model must be one of"):
         make_model("resnet", nnx.Rngs(0))

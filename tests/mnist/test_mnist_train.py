@@ -1,4 +1,4 @@
-"""Training: accuracy on a real slice, optimizer first steps, resume equality, TensorBoard read-back."""
+"""Training: accuracy on a real slice, optimizer first steps, resume equality, TensorBoard."""
 
 import struct
 from pathlib import Path
@@ -97,7 +97,7 @@ def test_make_optimizer_errors():
 def _assert_same_params(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb) > 0
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -108,15 +108,15 @@ def _strip_times(epochs):
 @pytest.mark.parametrize("optimizer", ["neuron-mean-sgd", "rso"])
 def test_resume_is_bit_identical(tmp_path, optimizer):
     data = _slice(n_train=256, n_val=64, n_test=128)
-    base = dict(
-        optimizer=optimizer,
-        model="mlp",
-        hidden=4,
-        batch_size=64,
-        rso_batch_size=64,
-        grad_stats=True,
-        seed=3,
-    )
+    base = {
+        "optimizer": optimizer,
+        "model": "mlp",
+        "hidden": 4,
+        "batch_size": 64,
+        "rso_batch_size": 64,
+        "grad_stats": True,
+        "seed": 3,
+    }
     straight = run(TrainConfig(epochs=2, **base), data, progress=False)
     ckpt = str(tmp_path / "ckpt")
     # interrupted after epoch 1 of 2 (the cosine schedule spans both epochs)
@@ -129,7 +129,9 @@ def test_resume_is_bit_identical(tmp_path, optimizer):
     # and the run really moved: the parameters after 1 and 2 epochs differ
     assert any(
         not np.array_equal(x, y)
-        for x, y in zip(jax.tree.leaves(first["params"]), jax.tree.leaves(straight["params"]))
+        for x, y in zip(
+            jax.tree.leaves(first["params"]), jax.tree.leaves(straight["params"]), strict=True
+        )
     )
 
 
