@@ -172,7 +172,7 @@ def _library_fan_in_mean():
 
 def reduction_runner(params, grads) -> Runner:
     """Diagnostic: only the fan-in means of the gradients (what neuron-mean adds to plain SGD)."""
-    axes = on.resolve_fan_in(None, params)
+    axes = on.fan_in_axes(params)
     fan_in_mean = _library_fan_in_mean()
 
     @functools.partial(jax.jit, donate_argnums=0)
@@ -196,7 +196,7 @@ def memory_rows(tree_name, params) -> list:
     neuron = on.neuron_mean_sgd(LEARNING_RATE, momentum=MOMENTUM).init(params)
     m_bytes, n_bytes = tree_bytes(momentum), tree_bytes(neuron)
     # Kernels only (leaves with fan-in axes): measured state vs the 1/fan_in prediction.
-    axes = on.resolve_fan_in(None, params)
+    axes = on.fan_in_axes(params)
     state = optax.tree.get(neuron, "neuron_momentum")
     flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
     flat_a = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))

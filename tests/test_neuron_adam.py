@@ -129,7 +129,7 @@ def _against_reference(shapes_axes, first_moment, dtype, rtol, fan_in=None):
     tx = scale_by_neuron_adam(b1, b2, eps, first_moment=first_moment, fan_in=fan_in)
     params = params_of(shapes_axes, dtype)
     # The library resolves the same axes as the hand-written table.
-    resolved = {p: tuple(ax) for p, ax in _flat_axes(on.resolve_fan_in(fan_in, params)).items()}
+    resolved = {p: tuple(ax) for p, ax in _flat_axes(on.fan_in_axes(params, fan_in)).items()}
     assert resolved == {p: ax for p, (_, ax) in shapes_axes.items()}
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -200,7 +200,7 @@ def test_adam_mini_rule_on_a_real_nnx_attention_layer():
 def test_no_fan_in_axes_is_optax_adam_and_adamw(first_moment):
     # b1, b2 exactly representable, so that 1 - b is formed alike (see the docstring).
     b1, b2, lr = 0.875, 1 - 2**-10, 0.01
-    everything_own_neuron = [("*", on.fan_in.NONE)]
+    everything_own_neuron = [("*", on.fan_in.NO_AXES)]
     params = params_of(TREES["cnn"])
     mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
     pairs = [
@@ -418,4 +418,4 @@ def test_state_of_another_mode_or_fan_in_names_the_path():
         scale_by_neuron_adam(first_moment="neuron").update(params, full_state)
     _one_line(e)
     with pytest.raises(ValueError, match="dense/kernel"):
-        scale_by_neuron_adam(fan_in=[("*", on.fan_in.NONE)]).update(params, full_state)
+        scale_by_neuron_adam(fan_in=[("*", on.fan_in.NO_AXES)]).update(params, full_state)

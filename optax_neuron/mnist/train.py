@@ -119,7 +119,7 @@ def make_optimizer(
       total_steps: number of updates of the run (needed for ``"cosine"``).
       grad_stats: put :func:`optax_neuron.gradient_norms` and
         :func:`optax_neuron.running_gradient_mean` (EMA, decay 0.99) in front,
-        so :func:`optax_neuron.metrics` can read per-layer norms.
+        so :func:`optax_neuron.collect_metrics` can read per-layer norms.
 
     Example:
       >>> tx = make_optimizer("neuron-mean-sgd")
@@ -290,7 +290,7 @@ def run(config: TrainConfig, data: Dataset, *, writer=None, progress=True, log=N
         model, optimizer = nnx.merge(graphdef, state)
         record = evaluate_splits(model, data, config.eval_batch_size)
         if grad_stats:
-            metrics = on.metrics(optimizer.opt_state)
+            metrics = on.collect_metrics(optimizer.opt_state)
             record["grad_stats"] = {k: float(v) for k, v in metrics.items() if jnp.ndim(v) == 0}
         return record
 
