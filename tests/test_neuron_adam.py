@@ -18,39 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _param_trees import TREES, flatten, nest, params_of, random_grads, step_and_compare
 from flax import nnx
 
 import optax_neuron as on
 from optax_neuron import neuron_adam, neuron_adamw, scale_by_neuron_adam
 from optax_neuron.neuron_adam import ScaleByNeuronAdamState
-
-# Parameter trees: path -> (shape, fan-in axes written by hand).
-TREES = {
-    "mlp": {
-        "layers/0/kernel": ((7, 5), (0,)),
-        "layers/0/bias": ((5,), ()),
-        "layers/1/kernel": ((5, 3), (0,)),
-        "layers/1/bias": ((3,), ()),
-    },
-    "cnn": {
-        "conv/kernel": ((3, 3, 2, 4), (0, 1, 2)),
-        "conv/bias": ((4,), ()),
-        "dense/kernel": ((36, 6), (0,)),
-        "dense/bias": ((6,), ()),
-    },
-    # nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, out_features=5):
-    # q/k/v kernels (in, heads, head_dim) average over `in`; out (heads, head_dim, out) over 0, 1.
-    "attention": {
-        "query/kernel": ((6, 2, 4), (0,)),
-        "query/bias": ((2, 4), ()),
-        "key/kernel": ((6, 2, 4), (0,)),
-        "key/bias": ((2, 4), ()),
-        "value/kernel": ((6, 2, 4), (0,)),
-        "value/bias": ((2, 4), ()),
-        "out/kernel": ((2, 4, 5), (0, 1)),
-        "out/bias": ((5,), ()),
-    },
-}
 
 # Adam-mini's partition for attention: one second moment per head for queries and keys
 # (mean over `in` and `head_dim`), per output neuron for values and the output projection.
@@ -60,22 +33,6 @@ ADAM_MINI_AXES = {
     "query/kernel": ((6, 2, 4), (0, 2)),
     "key/kernel": ((6, 2, 4), (0, 2)),
 }
-
-
-def nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
-
-
-def flatten(tree) -> dict:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in leaves}
 
 
 class NumpyNeuronAdam:
@@ -109,17 +66,6 @@ class NumpyNeuronAdam:
         return out
 
 
-def random_grads(rng, shapes_axes, dtype):
-    return {p: rng.standard_normal(s).astype(dtype) for p, (s, _) in shapes_axes.items()}
-
-
-def params_of(shapes_axes, dtype=np.float32):
-    rng = np.random.default_rng(0)
-    return nest(
-        {p: jnp.asarray(rng.standard_normal(s), dtype) for p, (s, _) in shapes_axes.items()}
-    )
-
-
 STEPS = 25
 
 
@@ -141,16 +87,7 @@ def _against_reference(shapes_axes, first_moment, dtype, rtol, fan_in=None):
             for p, g in random_grads(rng, shapes_axes, dtype).items()
         }
         expected = ref.step(grads)
-        updates, state = update(nest({p: jnp.asarray(g) for p, g in grads.items()}), state)
-        got = flatten(updates)
-        for p in expected:
-            assert got[p].dtype == dtype, p
-            # atol: one rounding of the leaf's largest value, for entries where
-            # (1 - b1) g and b1 * mean(a) cancel to near zero.
-            atol = rtol * np.abs(expected[p]).max()
-            np.testing.assert_allclose(
-                got[p], expected[p], rtol=rtol, atol=atol, err_msg=f"{p} step {step}"
-            )
+        state = step_and_compare(update, state, grads, expected, dtype, rtol, step)
     return state
 
 
