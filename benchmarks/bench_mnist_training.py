@@ -31,10 +31,11 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import format_table, machine_line  # noqa: E402
-from optax_neuron.mnist.data import load_mnist  # noqa: E402
-from optax_neuron.mnist.models import make_model  # noqa: E402
-from optax_neuron.mnist.train import DEFAULTS, evaluate, make_optimizer, make_train_epoch  # noqa: E402
+from common import format_table, machine_line
+
+from optax_neuron.mnist.data import load_mnist
+from optax_neuron.mnist.models import make_model
+from optax_neuron.mnist.train import DEFAULTS, evaluate, make_optimizer, make_train_epoch
 
 OPTIMIZERS = ("neuron-mean-sgd", "momentum", "adam")
 BASELINE = "momentum"
@@ -50,7 +51,9 @@ class Trainee:
         self.name = name
         self.graphdef, self.state = nnx.split((model, opt))
         key = jax.random.PRNGKey(seed)
-        self.epoch = make_train_epoch(self.graphdef, batch_size).lower(self.state, x, y, key).compile()
+        self.epoch = (
+            make_train_epoch(self.graphdef, batch_size).lower(self.state, x, y, key).compile()
+        )
         self.times: list[float] = []
         self.accuracy: dict[int, float] = {}
         self.train_loss: float = float("nan")
@@ -68,9 +71,13 @@ class Trainee:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny run that only proves the script works")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny run that only proves the script works"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default 3; quick 1)")
-    parser.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
+    parser.add_argument(
+        "--limit-train", type=int, default=None, help="use the first N training images"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", default=None, help="application model (default cnn; quick: mlp)")
     parser.add_argument("--seed", type=int, default=0)
@@ -82,17 +89,26 @@ def main(argv=None) -> dict:
     data = load_mnist()
     n = len(data.train_labels) if limit is None else min(limit, len(data.train_labels))
     x, y = jnp.asarray(data.train_images[:n]), jnp.asarray(data.train_labels[:n])
-    test_x, test_y = (data.test_images[:500], data.test_labels[:500]) if args.quick else (data.test_images, data.test_labels)
+    test_x, test_y = (
+        (data.test_images[:500], data.test_labels[:500])
+        if args.quick
+        else (data.test_images, data.test_labels)
+    )
     batch = min(args.batch_size, n)
     images_per_epoch = (n // batch) * batch
 
     print(machine_line())
-    print(f"MNIST {model}, {n} training images, batch {batch}, {epochs} epochs, seed {args.seed}; "
-          f"epochs interleaved across optimizers, compiled ahead of time; test set {len(test_y)} images\n")
+    print(
+        f"MNIST {model}, {n} training images, batch {batch}, {epochs} epochs, seed {args.seed}; "
+        "epochs interleaved across optimizers, compiled ahead of time; "
+        f"test set {len(test_y)} images\n"
+    )
     trainees = [Trainee(name, model, args.seed, batch, x, y) for name in OPTIMIZERS]
     report_epochs = sorted({1, epochs} & set(range(1, epochs + 1)))
     for epoch in range(epochs):
-        key = jax.random.fold_in(jax.random.PRNGKey(args.seed), epoch)  # the application's shuffle key
+        key = jax.random.fold_in(
+            jax.random.PRNGKey(args.seed), epoch
+        )  # the application's shuffle key
         for t in trainees:
             t.run_epoch(x, y, key)
         if epoch + 1 in report_epochs:
@@ -106,8 +122,21 @@ def main(argv=None) -> dict:
         rate = images_per_epoch / statistics.median(t.times)
         lr = DEFAULTS[t.name]["learning_rate"]
         acc = [f"{100 * t.accuracy[e]:.2f}%" for e in report_epochs]
-        rows.append([t.name, f"{lr:g}", f"{rate:,.0f}", f"{rate / base_rate:.3f}", *acc, f"{t.train_loss:.4f}"])
-        results[t.name] = {"images_per_s": rate, "ratio": rate / base_rate, "accuracy": dict(t.accuracy)}
+        rows.append(
+            [
+                t.name,
+                f"{lr:g}",
+                f"{rate:,.0f}",
+                f"{rate / base_rate:.3f}",
+                *acc,
+                f"{t.train_loss:.4f}",
+            ]
+        )
+        results[t.name] = {
+            "images_per_s": rate,
+            "ratio": rate / base_rate,
+            "accuracy": dict(t.accuracy),
+        }
     header = ["optimizer", "lr", "images/s", f"/ {BASELINE}"]
     header += [f"test acc epoch {e}" for e in report_epochs] + ["last train loss"]
     print(format_table(header, rows))

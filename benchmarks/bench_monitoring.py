@@ -26,14 +26,17 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import optax_neuron as on  # noqa: E402
-from common import Runner, add_common_args, format_table, machine_line, time_interleaved  # noqa: E402
-from optax_neuron.mnist.data import load_mnist  # noqa: E402
-from optax_neuron.mnist.models import cnn  # noqa: E402
+from common import Runner, add_common_args, format_table, machine_line, time_interleaved
+
+import optax_neuron as on
+from optax_neuron.mnist.data import load_mnist
+from optax_neuron.mnist.models import cnn
 
 
-def make_runner(name: str, tx: optax.GradientTransformation, x: jax.Array, y: jax.Array, seed: int = 0) -> Runner:
-    """A jitted train step ``state -> state`` of a fresh CNN trained with ``tx`` on the batch ``(x, y)``."""
+def make_runner(
+    name: str, tx: optax.GradientTransformation, x: jax.Array, y: jax.Array, seed: int = 0
+) -> Runner:
+    """A jitted train step ``state -> state`` of a fresh CNN trained with ``tx`` on ``(x, y)``."""
     model = cnn(nnx.Rngs(seed))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
@@ -59,7 +62,9 @@ def monitored(tx):
 
 def app_monitored(tx):
     # What `python -m optax_neuron.mnist --grad-stats` puts in front (train.make_optimizer).
-    return optax.chain(on.gradient_norms(per_neuron=False), on.running_gradient_mean(decay=0.99), tx)
+    return optax.chain(
+        on.gradient_norms(per_neuron=False), on.running_gradient_mean(decay=0.99), tx
+    )
 
 
 def main(argv=None) -> dict:
@@ -72,8 +77,11 @@ def main(argv=None) -> dict:
     x = jnp.asarray(data.train_images[:batch])
     y = jnp.asarray(data.train_labels[:batch])
     print(machine_line())
-    print(f"MNIST CNN train step (forward + backward + update), batch {batch}, jitted, state donated; "
-          f"median of {repeats} interleaved repeats\n")
+    print(
+        "MNIST CNN train step (forward + backward + update), "
+        f"batch {batch}, jitted, state donated; "
+        f"median of {repeats} interleaved repeats\n"
+    )
 
     bases = {"optax momentum": optax.sgd(0.02, momentum=0.9)}
     if not args.quick:

@@ -42,10 +42,11 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import format_table, machine_line, tree_bytes  # noqa: E402
-from optax_neuron.mnist.data import load_mnist  # noqa: E402
-from optax_neuron.mnist.models import make_model  # noqa: E402
-from optax_neuron.mnist.train import DEFAULTS, evaluate, make_optimizer  # noqa: E402
+from common import format_table, machine_line, tree_bytes
+
+from optax_neuron.mnist.data import load_mnist
+from optax_neuron.mnist.models import make_model
+from optax_neuron.mnist.train import DEFAULTS, evaluate, make_optimizer
 
 OPTIMIZERS = (
     "adam",
@@ -190,7 +191,7 @@ def plot(results: dict, path: Path, smooth: int) -> None:
         "momentum": ("tab:blue", "-"),
     }
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.6), squeeze=False)
-    for ax, (model_name, runs) in zip(axes[0], results.items()):
+    for ax, (model_name, runs) in zip(axes[0], results.items(), strict=True):
         for name, r in runs.items():
             loss = np.asarray(r["losses"])
             k = max(1, min(smooth, len(loss)))

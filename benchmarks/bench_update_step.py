@@ -34,9 +34,10 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import optax_neuron as on  # noqa: E402
-from common import Runner, add_common_args, format_table, machine_line, time_interleaved, tree_bytes  # noqa: E402
-from optax_neuron.fan_in import fan_in_size, neuron_shape, path_str  # noqa: E402
+from common import Runner, add_common_args, format_table, machine_line, time_interleaved, tree_bytes
+
+import optax_neuron as on
+from optax_neuron.fan_in import fan_in_size, neuron_shape, path_str
 
 LEARNING_RATE = 1e-3
 MOMENTUM = 0.9
@@ -46,17 +47,25 @@ MOMENTUM = 0.9
 
 
 def _dense(key, n_in, n_out):
-    return {"kernel": jax.random.normal(key, (n_in, n_out)) / math.sqrt(n_in), "bias": jnp.zeros(n_out)}
+    return {
+        "kernel": jax.random.normal(key, (n_in, n_out)) / math.sqrt(n_in),
+        "bias": jnp.zeros(n_out),
+    }
 
 
 def mlp_params(key, sizes=(784, 1024, 1024, 10)):
     """``layers/i/{kernel,bias}`` for an MLP with the given widths."""
     keys = jax.random.split(key, len(sizes) - 1)
-    return {"layers": {str(i): _dense(k, a, b) for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}}
+    return {
+        "layers": {
+            str(i): _dense(k, a, b)
+            for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True))
+        }
+    }
 
 
 def cnn_params(key):
-    """The parameters of the application's MNIST CNN (``optax_neuron.mnist.models.cnn``) as a pure dict."""
+    """The parameters of the application's MNIST CNN (``optax_neuron.mnist.models.cnn``), a dict."""
     from flax import nnx
 
     from optax_neuron.mnist.models import cnn
@@ -98,7 +107,11 @@ def transformer_params(key, d_model=1024, layers=4, heads=16, mlp=4096, vocab=40
                 "down": {"kernel": normal((mlp, d_model), mlp), "bias": jnp.zeros(d_model)},
             },
         }
-    return {"embed": {"embedding": normal((vocab, d_model), 1)}, "blocks": blocks, "final_norm": norm()}
+    return {
+        "embed": {"embedding": normal((vocab, d_model), 1)},
+        "blocks": blocks,
+        "final_norm": norm(),
+    }
 
 
 def trees(quick: bool) -> dict:
@@ -107,7 +120,9 @@ def trees(quick: bool) -> dict:
     if quick:  # proves the script runs: the app's CNN and a tiny transformer-shaped tree
         return {
             "MNIST CNN (app)": lambda: cnn_params(key),
-            "transformer (tiny)": lambda: transformer_params(key, d_model=64, layers=1, heads=4, mlp=128, vocab=64),
+            "transformer (tiny)": lambda: transformer_params(
+                key, d_model=64, layers=1, heads=4, mlp=128, vocab=64
+            ),
         }
     return {
         "MLP 784-1024-1024-10": lambda: mlp_params(key),
@@ -125,7 +140,9 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
         "optax momentum": optax.sgd(LEARNING_RATE, momentum=MOMENTUM),
         "optax nesterov": optax.sgd(LEARNING_RATE, momentum=MOMENTUM, nesterov=True),
         "neuron_mean_sgd": on.neuron_mean_sgd(LEARNING_RATE, momentum=MOMENTUM),
-        "neuron_mean_sgd nesterov": on.neuron_mean_sgd(LEARNING_RATE, momentum=MOMENTUM, nesterov=True),
+        "neuron_mean_sgd nesterov": on.neuron_mean_sgd(
+            LEARNING_RATE, momentum=MOMENTUM, nesterov=True
+        ),
     }
 
 
@@ -144,7 +161,7 @@ def make_runner(name, tx, params, grads) -> Runner:
 
 
 def _library_fan_in_mean():
-    """The fan-in mean ``neuron_mean_trace`` computes (a private helper; ``jnp.mean`` if it moves)."""
+    """The fan-in mean ``neuron_mean_trace`` computes (a private helper; ``jnp.mean`` if moved)."""
     try:
         from optax_neuron.neuron_mean import _fan_in_mean
 
@@ -154,8 +171,8 @@ def _library_fan_in_mean():
 
 
 def reduction_runner(params, grads) -> Runner:
-    """Diagnostic: only the fan-in means of the gradients (what neuron-mean adds to a plain SGD pass)."""
-    axes = on.resolve_fan_in(None, params)
+    """Diagnostic: only the fan-in means of the gradients (what neuron-mean adds to plain SGD)."""
+    axes = on.fan_in_axes(params)
     fan_in_mean = _library_fan_in_mean()
 
     @functools.partial(jax.jit, donate_argnums=0)
@@ -179,14 +196,14 @@ def memory_rows(tree_name, params) -> list:
     neuron = on.neuron_mean_sgd(LEARNING_RATE, momentum=MOMENTUM).init(params)
     m_bytes, n_bytes = tree_bytes(momentum), tree_bytes(neuron)
     # Kernels only (leaves with fan-in axes): measured state vs the 1/fan_in prediction.
-    axes = on.resolve_fan_in(None, params)
+    axes = on.fan_in_axes(params)
     state = optax.tree.get(neuron, "neuron_momentum")
     flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
     flat_a = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
     flat_s = jax.tree.leaves(state)
     k_full = k_state = k_pred = 0.0
     kernel_rows = []
-    for (path, p), ax, s in zip(flat_p, flat_a, flat_s):
+    for (path, p), ax, s in zip(flat_p, flat_a, flat_s, strict=True):
         if not ax:
             continue
         fan = fan_in_size(p.shape, ax)
@@ -214,13 +231,17 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 21)
     print(machine_line())
-    print(f"update step = tx.update + optax.apply_updates, jitted, params+state donated; "
-          f"lr {LEARNING_RATE}, momentum {MOMENTUM}; median of {repeats} interleaved repeats\n")
+    print(
+        f"update step = tx.update + optax.apply_updates, jitted, params+state donated; "
+        f"lr {LEARNING_RATE}, momentum {MOMENTUM}; median of {repeats} interleaved repeats\n"
+    )
 
     time_rows, mem_rows, results = [], [], {}
     for tree_name, build in trees(args.quick).items():
         params = build()
-        grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
+        grads = jax.tree.map(
+            lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params
+        )
         # The 55M tree: fewer repeats (each step moves about 1 GB).
         r = max(3, repeats // 2) if n_params(params) > 20e6 else repeats
         runners = [make_runner(n, tx, params, grads) for n, tx in optimizers().items()]
@@ -231,25 +252,36 @@ def main(argv=None) -> dict:
         mom, sgd, nes = med["optax momentum"], med["optax sgd (floor)"], med["optax nesterov"]
         for x in runners:
             ref_mom = nes if "nesterov" in x.name else mom
-            time_rows.append([
-                tree_name,
-                x.name,
-                f"{x.median * 1e3:.3f}",
-                f"{x.median / ref_mom:.2f}",
-                f"{x.median / sgd:.2f}",
-            ])
-        row, kernel_rows = memory_rows(tree_name, params)
+            time_rows.append(
+                [
+                    tree_name,
+                    x.name,
+                    f"{x.median * 1e3:.3f}",
+                    f"{x.median / ref_mom:.2f}",
+                    f"{x.median / sgd:.2f}",
+                ]
+            )
+        row, _kernel_rows = memory_rows(tree_name, params)
         mem_rows.append(row)
         del runners, params, grads
 
     print("## 8.1 update step (ratio vs momentum: against optax nesterov for the Nesterov rows)\n")
     print(format_table(["tree", "optimizer", "ms", "/ optax momentum", "/ optax sgd"], time_rows))
     print("\n## 8.2 optimizer state bytes\n")
-    print(format_table(
-        ["tree", "params", "momentum state MiB", "neuron-mean state MiB", "ratio (all)",
-         "ratio (kernels)", "predicted sum(size/fan_in)/sum(size)"],
-        mem_rows,
-    ))
+    print(
+        format_table(
+            [
+                "tree",
+                "params",
+                "momentum state MiB",
+                "neuron-mean state MiB",
+                "ratio (all)",
+                "ratio (kernels)",
+                "predicted sum(size/fan_in)/sum(size)",
+            ],
+            mem_rows,
+        )
+    )
     return results
 
 

@@ -58,7 +58,9 @@ def machine_line() -> str:
 
 def tree_bytes(tree: Any) -> int:
     """Total bytes of the array leaves of ``tree``."""
-    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
+    return int(
+        sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    )
 
 
 @dataclass
@@ -113,7 +115,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
 
     def line(row):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
@@ -121,6 +123,10 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def add_common_args(parser: argparse.ArgumentParser, repeats: int = 15) -> argparse.ArgumentParser:
     """``--quick`` (a few repeats on small inputs: proves the script runs) and ``--repeats``."""
-    parser.add_argument("--quick", action="store_true", help="tiny run that only proves the script works")
-    parser.add_argument("--repeats", type=int, default=None, help=f"timed repeats per candidate (default {repeats})")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny run that only proves the script works"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help=f"timed repeats per candidate (default {repeats})"
+    )
     return parser

@@ -24,20 +24,28 @@ HERE = Path(__file__).resolve().parent
 
 
 def scripts(only: str | None = None) -> list[Path]:
-    """The ``bench_*.py`` scripts, sorted; ``only`` keeps those whose name contains one of its comma-separated parts."""
+    """The ``bench_*.py`` scripts, sorted.
+
+    ``only`` keeps those whose name contains one of its comma-separated parts.
+    """
     found = sorted(HERE.glob("bench_*.py"))
     if only:
         parts = [p.strip() for p in only.split(",") if p.strip()]
         found = [s for s in found if any(p in s.stem for p in parts)]
         if not found:
-            raise SystemExit(f"--only {only!r} matches no benchmark; have {[s.stem for s in sorted(HERE.glob('bench_*.py'))]}")
+            raise SystemExit(
+                f"--only {only!r} matches no benchmark; have "
+                f"{[s.stem for s in sorted(HERE.glob('bench_*.py'))]}"
+            )
     return found
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run every benchmarks/bench_*.py script.")
     parser.add_argument("--quick", action="store_true", help="pass --quick to every script")
-    parser.add_argument("--only", default=None, help="comma-separated name parts, e.g. update_step,rso")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated name parts, e.g. update_step,rso"
+    )
     parser.add_argument("--list", action="store_true", help="list the scripts and exit")
     args = parser.parse_args(argv)
     todo = scripts(args.only)

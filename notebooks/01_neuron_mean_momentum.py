@@ -270,7 +270,7 @@ assert worst < 1e-4
 # the difference on the two steps above:
 
 # %%
-wrong_rules = [("*kernel", on.fan_in.ALL_BUT_FIRST), ("*bias", on.fan_in.NONE)]
+wrong_rules = [("*kernel", on.fan_in.ALL_BUT_FIRST), ("*bias", on.fan_in.NO_AXES)]
 wrong = on.neuron_mean_trace(mu, fan_in=wrong_rules)
 state = wrong.init({"kernel": jnp.zeros((2, 2))})
 _, state = wrong.update({"kernel": jnp.asarray(g1)}, state)

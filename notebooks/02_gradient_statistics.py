@@ -25,7 +25,7 @@
 # and logged the L2 norm of each `avg_gradients[i]`. This notebook explains what that number
 # measures, shows numerically why it shrinks like `1/sqrt(t)` when the gradients are noise,
 # and then watches per-layer and per-neuron statistics while a CNN trains on MNIST, with the
-# library's `on.running_gradient_mean`, `on.gradient_norms` and `on.metrics`.
+# library's `on.running_gradient_mean`, `on.gradient_norms` and `on.collect_metrics`.
 
 # %%
 # %matplotlib inline
@@ -116,7 +116,7 @@ plt.show()
 # ## Watching a CNN train on MNIST
 #
 # The monitoring pieces go first in the chain, so they see the raw gradients, and pass the
-# updates through untouched. `on.metrics(opt.opt_state)` reads them back by parameter path
+# updates through untouched. `on.collect_metrics(opt.opt_state)` reads them back by parameter path
 # (the NNX `Variable` wrappers are unwrapped). The model is the app's CNN, made small for the
 # CPU (8 and 16 filters, 64 hidden units), trained with SGD momentum.
 
@@ -137,7 +137,7 @@ final = {}
 
 
 def record(step, opt, model):
-    values = on.metrics(opt.opt_state, per_neuron=True)
+    values = on.collect_metrics(opt.opt_state, per_neuron=True)
     mean_tree = nnx.to_pure_dict(optax.tree.get(opt.opt_state, "gradient_mean"))
     values["mean_neuron_norm"] = on.neuron_norms(mean_tree)  # per-neuron norms of the mean
     log.append((step, jax.device_get(values)))
@@ -267,7 +267,8 @@ for unit in np.argsort(-zero_share)[:10]:
     )
 
 # %% [markdown]
-# For logging, `on.write_metrics(on.summary_writer(logdir), on.metrics(opt.opt_state), step)`
+# For logging,
+# `on.write_metrics(on.summary_writer(logdir), on.collect_metrics(opt.opt_state), step)`
 # sends the same keys to TensorBoard (per-neuron arrays as histograms with
 # `per_neuron=True`); the app's `optax_neuron.mnist.train.run(config, data, writer=...)` does
 # it once per epoch.

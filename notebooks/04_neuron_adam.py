@@ -27,14 +27,18 @@
 
 # %%
 import os
+
 FULL = os.environ.get("NOTEBOOK_FULL") == "1"  # committed outputs: full run; tests: tiny sizes
 
 import time
-import numpy as np
-import jax, jax.numpy as jnp
-import optax
+
+import jax
+import jax.numpy as jnp
 import matplotlib.pyplot as plt
+import numpy as np
+import optax
 from flax import nnx
+
 import optax_neuron as on
 from optax_neuron.mnist.data import load_mnist
 from optax_neuron.mnist.models import make_model
@@ -43,7 +47,11 @@ from optax_neuron.mnist.train import evaluate
 # %matplotlib inline
 # %config InlineBackend.figure_formats = ["png"]
 plt.rcParams.update({"figure.dpi": 70, "axes.grid": True, "grid.alpha": 0.3})
-print("full run" if FULL else "small run (NOTEBOOK_FULL=1 for the full one)", "on", jax.default_backend())
+print(
+    "full run" if FULL else "small run (NOTEBOOK_FULL=1 for the full one)",
+    "on",
+    jax.default_backend(),
+)
 
 # %% [markdown]
 # ## The rule, on one Dense kernel
@@ -64,23 +72,34 @@ print("full run" if FULL else "small run (NOTEBOOK_FULL=1 for the full one)", "o
 params = {"dense": {"kernel": jnp.zeros((5, 3)), "bias": jnp.zeros(3)}}
 for mode in ("full", "neuron"):
     state = on.scale_by_neuron_adam(first_moment=mode).init(params)
-    print(f"{mode:6s} mu {state.neuron_adam_mu['dense']['kernel'].shape}, "
-          f"nu {state.neuron_adam_nu['dense']['kernel'].shape}, bias nu {state.neuron_adam_nu['dense']['bias'].shape}")
+    print(
+        f"{mode:6s} mu {state.neuron_adam_mu['dense']['kernel'].shape}, "
+        f"nu {state.neuron_adam_nu['dense']['kernel'].shape}, "
+        f"bias nu {state.neuron_adam_nu['dense']['bias'].shape}"
+    )
 
 b1, b2, eps = 0.9, 0.999, 1e-8
 tx = on.scale_by_neuron_adam(b1, b2, eps, first_moment="neuron")
 state, update = tx.init(params), jax.jit(tx.update)
 rng = np.random.default_rng(0)
-a = np.zeros((5, 3)); v = np.zeros((1, 3))          # the reference keeps the full accumulator
+a = np.zeros((5, 3))
+v = np.zeros((1, 3))  # the reference keeps the full accumulator
 worst = 0.0
 for t in range(1, 201):
     g = rng.standard_normal((5, 3)) * rng.uniform(0.1, 10, size=(1, 3))
     a = (1 - b1) * g + b1 * a.mean(axis=0, keepdims=True)
     v = b2 * v + (1 - b2) * (g**2).mean(axis=0, keepdims=True)
     ref = a / (1 - b1**t) / (np.sqrt(v / (1 - b2**t)) + eps)
-    u, state = update({"dense": {"kernel": jnp.asarray(g, jnp.float32), "bias": jnp.zeros(3)}}, state)
-    worst = max(worst, float(np.max(np.abs(np.asarray(u["dense"]["kernel"]) - ref) / np.abs(ref).max())))
-print(f"200 steps, largest difference to the full-accumulator reference: {worst:.1e} of the largest update")
+    u, state = update(
+        {"dense": {"kernel": jnp.asarray(g, jnp.float32), "bias": jnp.zeros(3)}}, state
+    )
+    worst = max(
+        worst, float(np.max(np.abs(np.asarray(u["dense"]["kernel"]) - ref) / np.abs(ref).max()))
+    )
+print(
+    "200 steps, largest difference to the full-accumulator reference: "
+    f"{worst:.1e} of the largest update"
+)
 
 # %% [markdown]
 # ## Memory
@@ -90,9 +109,11 @@ print(f"200 steps, largest difference to the full-accumulator reference: {worst:
 # two `nnx.MultiHeadAttention` blocks). Adafactor factors only axes of at least 128 (Optax's
 # default), so on the transformer it keeps a full second moment.
 
+
 # %%
 def state_bytes(tx, params):
     return sum(x.nbytes for x in jax.tree.leaves(tx.init(params)))
+
 
 candidates = {
     "adam": optax.adam(1e-3),
@@ -115,11 +136,18 @@ for model_name in ("cnn", "vit"):
 fig, ax = plt.subplots(figsize=(8, 3.2))
 names = list(candidates)
 for i, model_name in enumerate(("cnn", "vit")):
-    ax.barh(np.arange(len(names)) + 0.4 * i, [memory[model_name][k] for k in names], height=0.4,
-            label=model_name)
+    ax.barh(
+        np.arange(len(names)) + 0.4 * i,
+        [memory[model_name][k] for k in names],
+        height=0.4,
+        label=model_name,
+    )
 ax.set_yticks(np.arange(len(names)) + 0.2, names)
-ax.set_xscale("log"); ax.set_xlabel("optimizer state bytes"); ax.legend()
-plt.tight_layout(); plt.show()
+ax.set_xscale("log")
+ax.set_xlabel("optimizer state bytes")
+ax.legend()
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## Training side by side
@@ -133,7 +161,11 @@ plt.tight_layout(); plt.show()
 # %%
 data = load_mnist()
 n_train, epochs, batch = (5000, 2, 64) if FULL else (320, 1, 64)
-test_x, test_y = (data.test_images, data.test_labels) if FULL else (data.test_images[:500], data.test_labels[:500])
+test_x, test_y = (
+    (data.test_images, data.test_labels)
+    if FULL
+    else (data.test_images[:500], data.test_labels[:500])
+)
 x_train, y_train = data.train_images[:n_train], data.train_labels[:n_train]
 steps = epochs * (n_train // batch)
 schedule = optax.cosine_decay_schedule(1e-3, steps)
@@ -143,14 +175,17 @@ optimizers = {
     "neuron_adam neuron": lambda: on.neuron_adam(schedule, first_moment="neuron"),
 }
 
+
 def loss_fn(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
 
 @nnx.jit
 def train_step(model, opt, x, y):
     loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
     opt.update(model, grads)
     return loss
+
 
 def train(model_name, make_tx):
     model = make_model(model_name, nnx.Rngs(0))
@@ -159,9 +194,12 @@ def train(model_name, make_tx):
     for epoch in range(epochs):
         order = np.random.default_rng(epoch).permutation(n_train)
         for i in range(n_train // batch):
-            idx = order[i * batch:(i + 1) * batch]
-            losses.append(float(train_step(model, opt, jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx]))))
+            idx = order[i * batch : (i + 1) * batch]
+            losses.append(
+                float(train_step(model, opt, jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx])))
+            )
     return model, opt, np.array(losses)
+
 
 models = ("cnn", "vit") if FULL else ("vit",)
 runs = {}
@@ -171,20 +209,30 @@ for model_name in models:
         model, opt, losses = train(model_name, make_tx)
         acc = evaluate(model, test_x, test_y)[1]
         runs[model_name, name] = {"model": model, "opt": opt, "losses": losses, "acc": acc}
-        print(f"{model_name} {name:20s} last-50-step loss {losses[-50:].mean():.4f}, "
-              f"test accuracy {100 * acc:.2f}%  ({time.perf_counter() - t0:.0f} s)")
+        print(
+            f"{model_name} {name:20s} last-50-step loss {losses[-50:].mean():.4f}, "
+            f"test accuracy {100 * acc:.2f}%  ({time.perf_counter() - t0:.0f} s)"
+        )
 
 # %%
 fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.4), squeeze=False)
 k = 20 if FULL else 2
-for ax, model_name in zip(axes[0], models):
-    for name, style in zip(optimizers, ("k-", "r-", "r--")):
+for ax, model_name in zip(axes[0], models, strict=True):
+    for name, style in zip(optimizers, ("k-", "r-", "r--"), strict=True):
         loss = runs[model_name, name]["losses"]
-        ax.plot(np.arange(k, len(loss) + 1), np.convolve(loss, np.ones(k) / k, "valid"), style,
-                label=f"{name} ({100 * runs[model_name, name]['acc']:.1f}%)")
-    ax.set_yscale("log"); ax.set_title(f"MNIST {model_name}"); ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss (mean of {k})"); ax.legend(fontsize=8)
-plt.tight_layout(); plt.show()
+        ax.plot(
+            np.arange(k, len(loss) + 1),
+            np.convolve(loss, np.ones(k) / k, "valid"),
+            style,
+            label=f"{name} ({100 * runs[model_name, name]['acc']:.1f}%)",
+        )
+    ax.set_yscale("log")
+    ax.set_title(f"MNIST {model_name}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss (mean of {k})")
+    ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## Where does one `v` per neuron match Adam?
@@ -196,15 +244,22 @@ plt.tight_layout(); plt.show()
 # spreads, neuron-wise Adam gives the large-gradient connections of a neuron (`r > 1`) larger
 # steps and the small-gradient ones (`r < 1`) smaller steps than Adam.
 
+
 # %%
 def adam_nu(opt):
     """Adam's second moment from an nnx.Optimizer, as a dict of NumPy arrays."""
     nu = optax.tree.get(opt.opt_state, "nu")
-    return jax.tree.map(lambda x: np.asarray(x[...], np.float64), nu,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        lambda x: np.asarray(x[...], np.float64), nu, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
 
 def flat(tree, is_leaf=None):
-    return {on.fan_in.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+    return {
+        on.fan_in.path_str(p): x
+        for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    }
+
 
 spread = {}
 for model_name in models:
@@ -227,9 +282,13 @@ for i, r in enumerate(spread.values()):
     ax.plot(q50, i, "o", color="k", ms=4)
 ax.axvline(1.0, color="tab:red", lw=1)
 ax.set_yticks(range(len(spread)), list(spread), fontsize=7)
-ax.set_xscale("log"); ax.invert_yaxis()
-ax.set_xlabel("r = sqrt(v / neuron mean of v): 10%-90% range (bar) and median (dot); 1 = per-neuron v")
-plt.tight_layout(); plt.show()
+ax.set_xscale("log")
+ax.invert_yaxis()
+ax.set_xlabel(
+    "r = sqrt(v / neuron mean of v): 10%-90% range (bar) and median (dot); 1 = per-neuron v"
+)
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## What a per-neuron first moment costs
@@ -246,8 +305,11 @@ X = jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)
 Y = X @ jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
 lsq = lambda p: jnp.mean((X @ p["kernel"] + p["bias"] - Y) ** 2)
 curves = {}
-for name, tx in {"adam": optax.adam(0.05), "neuron_adam full": on.neuron_adam(0.05),
-                 "neuron_adam neuron": on.neuron_adam(0.05, first_moment="neuron")}.items():
+for name, tx in {
+    "adam": optax.adam(0.05),
+    "neuron_adam full": on.neuron_adam(0.05),
+    "neuron_adam neuron": on.neuron_adam(0.05, first_moment="neuron"),
+}.items():
     p = {"kernel": jnp.zeros((8, 3)), "bias": jnp.zeros(3)}
     s = tx.init(p)
 
@@ -258,16 +320,23 @@ for name, tx in {"adam": optax.adam(0.05), "neuron_adam full": on.neuron_adam(0.
 
     out = []
     for _ in range(1000 if FULL else 300):
-        p, s, l = step(p, s)
-        out.append(float(l))
+        p, s, loss = step(p, s)
+        out.append(float(loss))
     curves[name] = np.array(out)
-    print(f"{name:20s} loss after 100 / 300 / last step: {out[99]:.2e} / {out[299]:.2e} / {out[-1]:.2e}")
+    print(
+        f"{name:20s} loss after 100 / 300 / last step: "
+        f"{out[99]:.2e} / {out[299]:.2e} / {out[-1]:.2e}"
+    )
 
 fig, ax = plt.subplots(figsize=(6, 3.2))
-for (name, c), style in zip(curves.items(), ("k-", "r-", "r--")):
+for (name, c), style in zip(curves.items(), ("k-", "r-", "r--"), strict=True):
     ax.plot(c, style, label=name)
-ax.set_yscale("log"); ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend()
-plt.tight_layout(); plt.show()
+ax.set_yscale("log")
+ax.set_xlabel("step")
+ax.set_ylabel("loss")
+ax.legend()
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## Summary

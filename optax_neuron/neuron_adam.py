@@ -38,9 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_neuron._validate import require_floating
-from optax_neuron.fan_in import fan_in_size, neuron_shape, path_str, resolve_fan_in
-from optax_neuron.neuron_mean import _check_decay, _fan_in_mean, _mean_dtype
+from optax_neuron._tree import at_least_float32, path_str
+from optax_neuron._validate import check_unit_interval, require_floating
+from optax_neuron.fan_in import FanIn, fan_in_axes, fan_in_size, neuron_shape
+from optax_neuron.neuron_mean import _fan_in_mean
 
 __all__ = ["ScaleByNeuronAdamState", "neuron_adam", "neuron_adamw", "scale_by_neuron_adam"]
 
@@ -85,10 +86,10 @@ def _check_static(first_moment: Any, mu_dtype: Any) -> np.dtype | None:
         raise ValueError(f"first_moment must be 'full' or 'neuron', got {first_moment!r}")
     if mu_dtype is None:
         return None
-    mu_dtype = jnp.dtype(mu_dtype)
-    if not jnp.issubdtype(mu_dtype, jnp.inexact):
-        raise ValueError(f"mu_dtype must be a floating-point dtype, got {mu_dtype}")
-    return mu_dtype
+    dtype: np.dtype = jnp.dtype(mu_dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise ValueError(f"mu_dtype must be a floating-point dtype, got {dtype}")
+    return dtype
 
 
 def _neuron_mean(
@@ -107,7 +108,7 @@ def scale_by_neuron_adam(
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     first_moment: str = "full",
-    fan_in: Any = None,
+    fan_in: FanIn = None,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescale updates by Adam's rule with one second moment per neuron.
@@ -142,7 +143,7 @@ def scale_by_neuron_adam(
 
     Leaves without fan-in axes (biases, norm scales, embedding tables) get
     plain Adam (:math:`\bar x = x`). With no fan-in axes anywhere (e.g.
-    ``fan_in=[("*", optax_neuron.fan_in.NONE)]``) both modes are
+    ``fan_in=[("*", optax_neuron.fan_in.NO_AXES)]``) both modes are
     :func:`optax.scale_by_adam`.
 
     Adam-mini gives attention queries and keys one second moment per *head*;
@@ -171,7 +172,7 @@ def scale_by_neuron_adam(
       eps: :math:`\epsilon \ge 0`, added to the root of the second moment.
       first_moment: ``"full"`` (one first moment per connection, Adam-mini) or
         ``"neuron"`` (one per neuron; the whole state is per neuron). Static.
-      fan_in: the fan-in axes (see :func:`optax_neuron.fan_in.resolve_fan_in`);
+      fan_in: the fan-in axes (see :func:`optax_neuron.fan_in.fan_in_axes`);
         ``None`` is the :data:`optax_neuron.fan_in.FLAX` preset. Static.
       mu_dtype: dtype of the first moment; ``None`` uses the parameters'.
 
@@ -200,22 +201,24 @@ def scale_by_neuron_adam(
       >>> [round(float(x), 5) for x in nu[0]]  # [(1 + 9 + 25) / 3, (4 + 16 + 36) / 3] / 1000
       [0.01167, 0.01867]
     """
-    _check_decay(b1, "b1")
-    _check_decay(b2, "b2")
+    for beta, name in ((b1, "b1"), (b2, "b2")):
+        if beta is None:  # a ValueError, as 0.1.0 raised (check_unit_interval: TypeError)
+            raise ValueError(f"{name} must be a number in [0, 1), got None")
+        check_unit_interval(beta, name, "optax_neuron")
     _check_eps(eps)
     mu_dtype = _check_static(first_moment, mu_dtype)
     per_neuron_mu = first_moment == "neuron"
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> ScaleByNeuronAdamState:
         require_floating(params, "neuron-wise Adam", "parameters")
-        axes = resolve_fan_in(fan_in, params)
+        axes = fan_in_axes(params, fan_in)
 
-        def mu_zeros(p, ax):
+        def mu_zeros(p: jax.Array, ax: tuple[int, ...]) -> jax.Array:
             shape = neuron_shape(p.shape, ax) if per_neuron_mu else p.shape
             return jnp.zeros(shape, p.dtype if mu_dtype is None else mu_dtype)
 
-        def nu_zeros(p, ax):
-            return jnp.zeros(neuron_shape(p.shape, ax), _mean_dtype(p.dtype))
+        def nu_zeros(p: jax.Array, ax: tuple[int, ...]) -> jax.Array:
+            return jnp.zeros(neuron_shape(p.shape, ax), at_least_float32(p.dtype))
 
         return ScaleByNeuronAdamState(
             neuron_adam_count=jnp.zeros([], jnp.int32),
@@ -223,13 +226,20 @@ def scale_by_neuron_adam(
             neuron_adam_nu=jax.tree.map(nu_zeros, params, axes),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: ScaleByNeuronAdamState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ScaleByNeuronAdamState]:
         del params, extra_args
         require_floating(updates, "neuron-wise Adam", "updates")
-        axes = resolve_fan_in(fan_in, updates)
+        axes = fan_in_axes(updates, fan_in)
         count = optax.safe_increment(state.neuron_adam_count)
 
-        def one(path, g, m, v, ax):
+        def one(
+            path: Any, g: jax.Array, m: jax.Array, v: jax.Array, ax: tuple[int, ...]
+        ) -> tuple[jax.Array, jax.Array, jax.Array]:
             shape = neuron_shape(g.shape, ax)
             want_m = shape if per_neuron_mu else g.shape
             if v.shape != shape or m.shape != want_m:
@@ -239,7 +249,7 @@ def scale_by_neuron_adam(
                     f"{g.shape} with fan-in axes {ax}: "
                     "was the state made with another fan_in or first_moment?"
                 )
-            dtype = _mean_dtype(g.dtype, m.dtype, v.dtype)
+            dtype = at_least_float32(g.dtype, m.dtype, v.dtype)
             g32 = g.astype(dtype)
             beta1, beta2 = jnp.asarray(b1, dtype), jnp.asarray(b2, dtype)
             new_v = beta2 * v.astype(dtype) + (1 - beta2) * _neuron_mean(
@@ -259,7 +269,10 @@ def scale_by_neuron_adam(
         triples = jax.tree_util.tree_map_with_path(
             one, updates, state.neuron_adam_mu, state.neuron_adam_nu, axes
         )
-        pick = lambda i: jax.tree.map(lambda _, t: t[i], updates, triples)
+
+        def pick(i: int) -> Any:  # the i-th of the (update, mu, nu) triples, as a tree
+            return jax.tree.map(lambda _, t: t[i], updates, triples)
+
         new_state = ScaleByNeuronAdamState(
             neuron_adam_count=count, neuron_adam_mu=pick(1), neuron_adam_nu=pick(2)
         )
@@ -274,7 +287,7 @@ def neuron_adam(
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     first_moment: str = "full",
-    fan_in: Any = None,
+    fan_in: FanIn = None,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with one second moment per neuron (Adam-mini's rule, or all-per-neuron state).
@@ -331,7 +344,7 @@ def neuron_adamw(
     weight_decay: jax.typing.ArrayLike = 1e-4,
     mask: Any = None,
     first_moment: str = "full",
-    fan_in: Any = None,
+    fan_in: FanIn = None,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Neuron-wise Adam with decoupled weight decay, like :func:`optax.adamw`.

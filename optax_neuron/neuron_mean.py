@@ -75,18 +75,6 @@ def _fan_in_mean(g: jax.Array, axes: tuple[int, ...], dtype: Any) -> jax.Array:
     return (total / n).astype(dtype).reshape(neuron_shape(g.shape, axes))
 
 
-# Private names that optax_neuron/neuron_adam.py (branch "adam") imports from here. They
-# forward to the shared helpers and go once neuron_adam uses optax_neuron._validate and
-# optax_neuron._tree directly. _check_decay keeps its 0.1.0 contract (ValueError for None).
-def _check_decay(value: Any, name: str) -> None:
-    if value is None:
-        raise ValueError(f"{name} must be a number in [0, 1), got None")
-    check_unit_interval(value, name, "optax_neuron")
-
-
-_mean_dtype = at_least_float32
-
-
 def neuron_mean_trace(
     decay: jax.typing.ArrayLike,
     nesterov: bool = False,

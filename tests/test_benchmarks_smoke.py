@@ -32,7 +32,9 @@ def test_common_helpers():
     import jax.numpy as jnp
     from common import Runner, format_table, machine_line, time_interleaved, tree_bytes
 
-    assert tree_bytes({"a": jnp.zeros((3, 4)), "b": [jnp.zeros(5, jnp.float16)]}) == 3 * 4 * 4 + 5 * 2
+    assert (
+        tree_bytes({"a": jnp.zeros((3, 4)), "b": [jnp.zeros(5, jnp.float16)]}) == 3 * 4 * 4 + 5 * 2
+    )
     assert "jax" in machine_line() and "device" in machine_line()
     order = []
     runners = [Runner(n, lambda s, n=n: order.append(n) or s + 1, 0) for n in "ab"]
@@ -56,7 +58,7 @@ def test_update_step_quick(capsys):
     # 8.2: kernel state / momentum trace = sum(size / fan_in) / sum(size), from the CNN's shapes.
     shapes = [((3, 3, 1, 32), 9), ((3, 3, 32, 64), 9 * 32), ((3136, 128), 3136), ((128, 10), 128)]
     size = [math.prod(s) for s, _ in shapes]
-    predicted = sum(n / f for n, (_, f) in zip(size, shapes)) / sum(size)
+    predicted = sum(n / f for n, (_, f) in zip(size, shapes, strict=True)) / sum(size)
     (row,) = _table_rows(out, "MNIST CNN (app)")[-1:]
     assert float(row[5]) == pytest.approx(predicted, abs=1e-5)
     assert float(row[4]) < 0.01  # all state (biases included) vs the momentum trace
@@ -89,7 +91,9 @@ def test_rso_quick(capsys):
     assert set(results) == {"plain", "chunk@32"}
     assert all(math.isfinite(t) and t > 0 for t in results.values())
     (row,) = _table_rows(out, "application, fresh batch per chunk")
-    assert row[1] == "32" and float(row[3].rstrip("x")) == pytest.approx(results["plain"] / results["chunk@32"], abs=0.051)
+    assert row[1] == "32" and float(row[3].rstrip("x")) == pytest.approx(
+        results["plain"] / results["chunk@32"], abs=0.051
+    )
 
 
 def test_rso_peer_quick(capsys):
@@ -103,11 +107,18 @@ def test_rso_peer_quick(capsys):
 
 def test_run_all_lists_every_script():
     out = subprocess.run(
-        [sys.executable, str(BENCH / "run_all.py"), "--list"], capture_output=True, text=True, check=True
+        [sys.executable, str(BENCH / "run_all.py"), "--list"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert out == sorted(p.name for p in BENCH.glob("bench_*.py"))
     assert {"bench_update_step.py", "bench_monitoring.py", "bench_mnist_training.py"} <= set(out)
-    bad = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--only", "nothing_like_this"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "run_all.py"), "--only", "nothing_like_this"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "matches no benchmark" in bad.stderr
 
 

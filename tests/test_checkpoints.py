@@ -15,8 +15,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-
-from test_conformance import CASES, as_optimizer, assert_trees_equal, quadratic_loss, random_tree, update
+from test_conformance import (
+    CASES,
+    as_optimizer,
+    assert_trees_equal,
+    quadratic_loss,
+    random_tree,
+    update,
+)
 
 BEFORE, AFTER = 2, 3
 

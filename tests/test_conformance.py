@@ -89,32 +89,116 @@ class Case:
 
 # ------------------------------------------------------------------ the registry
 CASES = [
-    Case("neuron_mean_trace", on.neuron_mean_trace, {"decay": 0.9}, {}, "direction", ("neuron_momentum",)),
-    Case("neuron_mean_trace_nesterov", on.neuron_mean_trace, {"decay": 0.9}, {"nesterov": True}, "direction",
-         ("neuron_momentum",)),
-    Case("neuron_mean_sgd", on.neuron_mean_sgd, {"learning_rate": 0.05, "momentum": 0.9}, {}, "optimizer",
-         ("neuron_momentum",)),
-    # Adam-type steps are ~lr long: Rosenbrock at lr 2e-3 falls by 5.7-6.1x in 1000 steps (optax.adam: 6.06x).
-    Case("scale_by_neuron_adam", on.scale_by_neuron_adam, {"b1": 0.9, "b2": 0.999, "eps": 1e-8}, {}, "direction",
-         ("neuron_adam_mu", "neuron_adam_nu"), converge={"rosenbrock": (1000, 3.0)}),
-    Case("scale_by_neuron_adam_neuron_mu", on.scale_by_neuron_adam, {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
-         {"first_moment": "neuron"}, "direction", ("neuron_adam_mu", "neuron_adam_nu"),
-         converge={"rosenbrock": (1000, 3.0)}),
-    Case("neuron_adam", on.neuron_adam, {"learning_rate": 0.05, "b1": 0.9, "b2": 0.999, "eps": 1e-8}, {},
-         "optimizer", ("neuron_adam_mu", "neuron_adam_nu"), converge={"rosenbrock": (1000, 3.0)}),
-    Case("neuron_adamw", on.neuron_adamw, {"learning_rate": 0.05, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-         "weight_decay": 1e-4}, {"first_moment": "neuron"}, "optimizer", ("neuron_adam_mu", "neuron_adam_nu"),
-         converge={"rosenbrock": (1000, 3.0)}),
-    Case("running_mean_cumulative", on.running_gradient_mean, {}, {"decay": None, "emit": "updates"}, "monitor",
-         ("gradient_mean",)),
-    Case("running_mean_cumulative_emit_mean", on.running_gradient_mean, {}, {"decay": None, "emit": "mean"},
-         "direction", ("gradient_mean",), converge={"quadratic": (300, 5.0), "rosenbrock": (1000, 3.0)}),
-    Case("running_mean_ema", on.running_gradient_mean, {"decay": 0.9}, {"emit": "updates"}, "monitor",
-         ("gradient_mean",)),
-    Case("running_mean_ema_emit_mean", on.running_gradient_mean, {"decay": 0.9}, {"emit": "mean"}, "direction",
-         ("gradient_mean",)),
-    Case("gradient_norms", on.gradient_norms, {}, {}, "monitor", ("gradient_norm", "gradient_neuron_norm")),
-    Case("rso", on.rso, {"weight_decay": 1e-3}, {"seed": 0, "weights_per_step": 3, "speculate": 1, "search": [("*", True)]}, "rso"),
+    Case(
+        "neuron_mean_trace",
+        on.neuron_mean_trace,
+        {"decay": 0.9},
+        {},
+        "direction",
+        ("neuron_momentum",),
+    ),
+    Case(
+        "neuron_mean_trace_nesterov",
+        on.neuron_mean_trace,
+        {"decay": 0.9},
+        {"nesterov": True},
+        "direction",
+        ("neuron_momentum",),
+    ),
+    Case(
+        "neuron_mean_sgd",
+        on.neuron_mean_sgd,
+        {"learning_rate": 0.05, "momentum": 0.9},
+        {},
+        "optimizer",
+        ("neuron_momentum",),
+    ),
+    # Adam-type steps are ~lr long: Rosenbrock at lr 2e-3 falls by 5.7-6.1x in 1000 steps
+    # (optax.adam: 6.06x).
+    Case(
+        "scale_by_neuron_adam",
+        on.scale_by_neuron_adam,
+        {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
+        {},
+        "direction",
+        ("neuron_adam_mu", "neuron_adam_nu"),
+        converge={"rosenbrock": (1000, 3.0)},
+    ),
+    Case(
+        "scale_by_neuron_adam_neuron_mu",
+        on.scale_by_neuron_adam,
+        {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
+        {"first_moment": "neuron"},
+        "direction",
+        ("neuron_adam_mu", "neuron_adam_nu"),
+        converge={"rosenbrock": (1000, 3.0)},
+    ),
+    Case(
+        "neuron_adam",
+        on.neuron_adam,
+        {"learning_rate": 0.05, "b1": 0.9, "b2": 0.999, "eps": 1e-8},
+        {},
+        "optimizer",
+        ("neuron_adam_mu", "neuron_adam_nu"),
+        converge={"rosenbrock": (1000, 3.0)},
+    ),
+    Case(
+        "neuron_adamw",
+        on.neuron_adamw,
+        {"learning_rate": 0.05, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-4},
+        {"first_moment": "neuron"},
+        "optimizer",
+        ("neuron_adam_mu", "neuron_adam_nu"),
+        converge={"rosenbrock": (1000, 3.0)},
+    ),
+    Case(
+        "running_mean_cumulative",
+        on.running_gradient_mean,
+        {},
+        {"decay": None, "emit": "updates"},
+        "monitor",
+        ("gradient_mean",),
+    ),
+    Case(
+        "running_mean_cumulative_emit_mean",
+        on.running_gradient_mean,
+        {},
+        {"decay": None, "emit": "mean"},
+        "direction",
+        ("gradient_mean",),
+        converge={"quadratic": (300, 5.0), "rosenbrock": (1000, 3.0)},
+    ),
+    Case(
+        "running_mean_ema",
+        on.running_gradient_mean,
+        {"decay": 0.9},
+        {"emit": "updates"},
+        "monitor",
+        ("gradient_mean",),
+    ),
+    Case(
+        "running_mean_ema_emit_mean",
+        on.running_gradient_mean,
+        {"decay": 0.9},
+        {"emit": "mean"},
+        "direction",
+        ("gradient_mean",),
+    ),
+    Case(
+        "gradient_norms",
+        on.gradient_norms,
+        {},
+        {},
+        "monitor",
+        ("gradient_norm", "gradient_neuron_norm"),
+    ),
+    Case(
+        "rso",
+        on.rso,
+        {"weight_decay": 1e-3},
+        {"seed": 0, "weights_per_step": 3, "speculate": 1, "search": [("*", True)]},
+        "rso",
+    ),
 ]
 IDS = [c.name for c in CASES]
 GRADIENT_CASES = [c for c in CASES if c.kind != "rso"]
@@ -136,7 +220,9 @@ def random_tree(seed: int, dtype: Any = jnp.float32, shapes: Any = None, scale: 
     """A tree like ``shapes`` of N(0, scale) values drawn with NumPy."""
     rng = np.random.default_rng(seed)
     shapes = SHAPES if shapes is None else shapes
-    return jax.tree.map(lambda s: jnp.asarray(scale * rng.normal(size=s), dtype), shapes, is_leaf=_is_shape)
+    return jax.tree.map(
+        lambda s: jnp.asarray(scale * rng.normal(size=s), dtype), shapes, is_leaf=_is_shape
+    )
 
 
 def quadratic_loss(target: Any) -> Callable[[Any], jax.Array]:
@@ -145,7 +231,9 @@ def quadratic_loss(target: Any) -> Callable[[Any], jax.Array]:
     h = jax.tree.map(lambda t: rng.uniform(0.5, 2.0, np.shape(t)), target)
 
     def loss(p):
-        terms = jax.tree.map(lambda x, c, hh: jnp.sum(0.5 * jnp.asarray(hh, x.dtype) * (x - c) ** 2), p, target, h)
+        terms = jax.tree.map(
+            lambda x, c, hh: jnp.sum(0.5 * jnp.asarray(hh, x.dtype) * (x - c) ** 2), p, target, h
+        )
         return sum(jax.tree.leaves(terms))
 
     return loss
@@ -173,8 +261,13 @@ def update(case: Case, tx, grads, state, params, loss, **extra):
         return tx.update(grads, state, params, **extra)
     # RSO traces a loop per call: jit it once per (transformation, loss) so
     # that eager test steps do not recompile it every time.
-    key = (tx, loss, tuple(sorted(extra.items(), key=lambda kv: kv[0])) if not any(
-        isinstance(v, jax.Array) for v in extra.values()) else tuple(extra))
+    key = (
+        tx,
+        loss,
+        tuple(sorted(extra.items(), key=lambda kv: kv[0]))
+        if not any(isinstance(v, jax.Array) for v in extra.values())
+        else tuple(extra),
+    )
     if key not in _RSO_STEPS:
         static = {k: v for k, v in extra.items() if not isinstance(v, jax.Array)}
         _RSO_STEPS[key] = jax.jit(
@@ -210,8 +303,11 @@ def _as_numpy(x):
 
 
 def assert_trees_equal(a, b, exact: bool = True, rtol: float = 1e-6):
-    assert jax.tree.structure(a) == jax.tree.structure(b), (jax.tree.structure(a), jax.tree.structure(b))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert jax.tree.structure(a) == jax.tree.structure(b), (
+        jax.tree.structure(a),
+        jax.tree.structure(b),
+    )
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert jnp.shape(x) == jnp.shape(y) and jnp.result_type(x) == jnp.result_type(y)
         x, y = _as_numpy(x), _as_numpy(y)
         if exact:
@@ -228,9 +324,10 @@ def test_convergence(case, problem):
         x0, loss = random_tree(0), quadratic_loss(random_tree(2))
     else:
         x0, loss = {"dense": {"kernel": jnp.array([[-1.2], [1.0]], jnp.float32)}}, rosenbrock
-    steps, factor = case.converge.get(problem) or (RSO_CONVERGENCE if case.kind == "rso" else DEFAULT_CONVERGENCE)[
-        problem
-    ]
+    steps, factor = (
+        case.converge.get(problem)
+        or (RSO_CONVERGENCE if case.kind == "rso" else DEFAULT_CONVERGENCE)[problem]
+    )
     tx = as_optimizer(case, LEARNING_RATE[problem])
     state = tx.init(x0)
 
@@ -241,7 +338,9 @@ def test_convergence(case, problem):
 
     (params, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, None, length=steps))((x0, state))
     l0, l1 = float(loss(x0)), float(loss(params))
-    assert np.isfinite(l1) and l1 * factor <= l0, f"{case.name} on {problem}: {l0} -> {l1} in {steps} steps"
+    assert np.isfinite(l1) and l1 * factor <= l0, (
+        f"{case.name} on {problem}: {l0} -> {l1} in {steps} steps"
+    )
 
 
 def test_monitors_pass_updates_through_unchanged():
@@ -267,9 +366,11 @@ def test_dtype_preserved(case, dtype):
         params_, state, ups = run_steps(case, tx, params, loss, 2)
         for u in ups:
             assert jax.tree.structure(u) == jax.tree.structure(params)
-            for leaf, p in zip(jax.tree.leaves(u), jax.tree.leaves(params)):
+            for leaf, p in zip(jax.tree.leaves(u), jax.tree.leaves(params), strict=True):
                 assert leaf.dtype == jnp.dtype(dtype) and leaf.shape == p.shape
-        assert jax.tree.map(lambda x: (x.dtype, x.shape), state) == jax.tree.map(lambda x: (x.dtype, x.shape), state0)
+        assert jax.tree.map(lambda x: (x.dtype, x.shape), state) == jax.tree.map(
+            lambda x: (x.dtype, x.shape), state0
+        )
         assert all(x.dtype == jnp.dtype(dtype) for x in jax.tree.leaves(params_))
         assert all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in jax.tree.leaves(ups))
 
@@ -287,13 +388,17 @@ def test_state_stable_through_cond_and_jit_compiles_once(case):
     def step(s, pred):
         traces.append(1)
         # lax.cond needs both branches to return the same structure, shapes and dtypes.
-        return jax.lax.cond(pred, lambda s: update(case, tx, grads, s, params, loss)[1], lambda s: s, s)
+        return jax.lax.cond(
+            pred, lambda s: update(case, tx, grads, s, params, loss)[1], lambda s: s, s
+        )
 
     s_skip = step(state0, False)
     assert_trees_equal(s_skip, state0)
     s1 = step(state0, True)
     s2 = step(s1, True)
-    assert len(traces) == 1, "the step was traced again: the state changed structure, shape or dtype"
+    assert len(traces) == 1, (
+        "the step was traced again: the state changed structure, shape or dtype"
+    )
     _, ref1 = update(case, tx, grads, state0, params, loss)
     assert_trees_equal(s1, ref1, exact=False)
     assert jax.tree.structure(s2) == jax.tree.structure(state0)
@@ -339,7 +444,9 @@ def test_multi_steps(case):
     for t, g in enumerate(grads):
         u, state = update(case, multi, g, state, params, loss)
         if t < k - 1:
-            assert all(not bool(jnp.any(x)) for x in jax.tree.leaves(u)), "MultiSteps emitted before the k-th step"
+            assert all(not bool(jnp.any(x)) for x in jax.tree.leaves(u)), (
+                "MultiSteps emitted before the k-th step"
+            )
     mean_g = jax.tree.map(lambda *xs: sum(xs) / k, *grads)
     ref_u, ref_state = update(case, tx, mean_g, tx.init(params), params, loss)
     assert_trees_equal(u, ref_u, exact=False, rtol=1e-5)
@@ -354,7 +461,9 @@ def test_unknown_extra_args_accepted(case):
     tx = case.make()
     state = tx.init(params)
     ref = update(case, tx, grads, state, params, loss)
-    got = update(case, tx, grads, state, params, loss, unknown_array=jnp.ones(3), unknown_flag="ignored")
+    got = update(
+        case, tx, grads, state, params, loss, unknown_array=jnp.ones(3), unknown_flag="ignored"
+    )
     assert_trees_equal(got, ref)
 
 
@@ -363,10 +472,10 @@ def test_unknown_extra_args_accepted(case):
 def test_none_leaves_pass_through(case):
     full_p, full_g = random_tree(0), random_tree(1)
     target = random_tree(2)
-    without = lambda t: {"dense": {"kernel": t["dense"]["kernel"]}, "out": t["out"]}  # noqa: E731
-    with_none = lambda t: {"dense": {"kernel": t["dense"]["kernel"], "bias": None}, "out": t["out"]}  # noqa: E731
+    without = lambda t: {"dense": {"kernel": t["dense"]["kernel"]}, "out": t["out"]}
+    with_none = lambda t: {"dense": {"kernel": t["dense"]["kernel"], "bias": None}, "out": t["out"]}
     ref_loss = quadratic_loss(without(target))
-    loss = lambda p: ref_loss(without(p))  # noqa: E731
+    loss = lambda p: ref_loss(without(p))
     tx = case.make()
     s_none, s_ref = tx.init(with_none(full_p)), tx.init(without(full_p))
     for _ in range(2):
@@ -383,11 +492,19 @@ def test_optax_masked(case):
     mask = {"dense": {"kernel": True, "bias": False}, "out": {"kernel": True}}
     tx, masked = case.make(), optax.masked(case.make(), mask)
     kept = {"dense": {"kernel": params["dense"]["kernel"], "bias": None}, "out": params["out"]}
-    u_ref, _ = tx.update({"dense": {"kernel": grads["dense"]["kernel"], "bias": None}, "out": grads["out"]},
-                         tx.init(kept), kept)  # params: weight decay (neuron_adamw) needs them
+    u_ref, _ = tx.update(
+        {"dense": {"kernel": grads["dense"]["kernel"], "bias": None}, "out": grads["out"]},
+        tx.init(kept),
+        kept,
+    )  # params: weight decay (neuron_adamw) needs them
     u, _ = masked.update(grads, masked.init(params), params)
-    np.testing.assert_array_equal(u["dense"]["bias"], grads["dense"]["bias"])  # masked out: untouched
-    assert_trees_equal({"k": u["dense"]["kernel"], "o": u["out"]}, {"k": u_ref["dense"]["kernel"], "o": u_ref["out"]})
+    np.testing.assert_array_equal(
+        u["dense"]["bias"], grads["dense"]["bias"]
+    )  # masked out: untouched
+    assert_trees_equal(
+        {"k": u["dense"]["kernel"], "o": u["out"]},
+        {"k": u_ref["dense"]["kernel"], "o": u_ref["out"]},
+    )
 
 
 # ------------------------------------------------------------------ map_params / placeholder
@@ -405,13 +522,21 @@ def test_tree_map_params(case):
     assert case.param_fields
     mapped = optax.tree.map_params(tx, lambda x: 2 * x, state)
     for field in case.param_fields:
-        got, want = optax.tree.get(mapped, field), jax.tree.map(lambda x: 2 * x, optax.tree.get(state, field))
+        got, want = (
+            optax.tree.get(mapped, field),
+            jax.tree.map(lambda x: 2 * x, optax.tree.get(state, field)),
+        )
         assert_trees_equal(got, want)
     # Everything else (counters, global norms, empty states) is left alone.
     restored = optax.tree.set(mapped, **{f: optax.tree.get(state, f) for f in case.param_fields})
     assert_trees_equal(restored, state)
     # The placeholder path also works for the sharding use-case: a spec per parameter.
-    specs = optax.tree.map_params(tx, lambda _, spec: spec, state, jax.tree.map(lambda _: "spec", params),
-                                  transform_non_params=lambda _: None)
+    specs = optax.tree.map_params(
+        tx,
+        lambda _, spec: spec,
+        state,
+        jax.tree.map(lambda _: "spec", params),
+        transform_non_params=lambda _: None,
+    )
     for field in case.param_fields:
         assert set(jax.tree.leaves(optax.tree.get(specs, field))) == {"spec"}

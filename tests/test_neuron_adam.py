@@ -18,39 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _param_trees import TREES, flatten, nest, params_of, random_grads, step_and_compare
 from flax import nnx
 
 import optax_neuron as on
 from optax_neuron import neuron_adam, neuron_adamw, scale_by_neuron_adam
 from optax_neuron.neuron_adam import ScaleByNeuronAdamState
-
-# Parameter trees: path -> (shape, fan-in axes written by hand).
-TREES = {
-    "mlp": {
-        "layers/0/kernel": ((7, 5), (0,)),
-        "layers/0/bias": ((5,), ()),
-        "layers/1/kernel": ((5, 3), (0,)),
-        "layers/1/bias": ((3,), ()),
-    },
-    "cnn": {
-        "conv/kernel": ((3, 3, 2, 4), (0, 1, 2)),
-        "conv/bias": ((4,), ()),
-        "dense/kernel": ((36, 6), (0,)),
-        "dense/bias": ((6,), ()),
-    },
-    # nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, out_features=5):
-    # q/k/v kernels (in, heads, head_dim) average over `in`; out (heads, head_dim, out) over 0, 1.
-    "attention": {
-        "query/kernel": ((6, 2, 4), (0,)),
-        "query/bias": ((2, 4), ()),
-        "key/kernel": ((6, 2, 4), (0,)),
-        "key/bias": ((2, 4), ()),
-        "value/kernel": ((6, 2, 4), (0,)),
-        "value/bias": ((2, 4), ()),
-        "out/kernel": ((2, 4, 5), (0, 1)),
-        "out/bias": ((5,), ()),
-    },
-}
 
 # Adam-mini's partition for attention: one second moment per head for queries and keys
 # (mean over `in` and `head_dim`), per output neuron for values and the output projection.
@@ -60,22 +33,6 @@ ADAM_MINI_AXES = {
     "query/kernel": ((6, 2, 4), (0, 2)),
     "key/kernel": ((6, 2, 4), (0, 2)),
 }
-
-
-def nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
-
-
-def flatten(tree) -> dict:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in leaves}
 
 
 class NumpyNeuronAdam:
@@ -109,17 +66,6 @@ class NumpyNeuronAdam:
         return out
 
 
-def random_grads(rng, shapes_axes, dtype):
-    return {p: rng.standard_normal(s).astype(dtype) for p, (s, _) in shapes_axes.items()}
-
-
-def params_of(shapes_axes, dtype=np.float32):
-    rng = np.random.default_rng(0)
-    return nest(
-        {p: jnp.asarray(rng.standard_normal(s), dtype) for p, (s, _) in shapes_axes.items()}
-    )
-
-
 STEPS = 25
 
 
@@ -129,7 +75,7 @@ def _against_reference(shapes_axes, first_moment, dtype, rtol, fan_in=None):
     tx = scale_by_neuron_adam(b1, b2, eps, first_moment=first_moment, fan_in=fan_in)
     params = params_of(shapes_axes, dtype)
     # The library resolves the same axes as the hand-written table.
-    resolved = {p: tuple(ax) for p, ax in _flat_axes(on.resolve_fan_in(fan_in, params)).items()}
+    resolved = {p: tuple(ax) for p, ax in _flat_axes(on.fan_in_axes(params, fan_in)).items()}
     assert resolved == {p: ax for p, (_, ax) in shapes_axes.items()}
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -141,16 +87,7 @@ def _against_reference(shapes_axes, first_moment, dtype, rtol, fan_in=None):
             for p, g in random_grads(rng, shapes_axes, dtype).items()
         }
         expected = ref.step(grads)
-        updates, state = update(nest({p: jnp.asarray(g) for p, g in grads.items()}), state)
-        got = flatten(updates)
-        for p in expected:
-            assert got[p].dtype == dtype, p
-            # atol: one rounding of the leaf's largest value, for entries where
-            # (1 - b1) g and b1 * mean(a) cancel to near zero.
-            atol = rtol * np.abs(expected[p]).max()
-            np.testing.assert_allclose(
-                got[p], expected[p], rtol=rtol, atol=atol, err_msg=f"{p} step {step}"
-            )
+        state = step_and_compare(update, state, grads, expected, dtype, rtol, step)
     return state
 
 
@@ -200,7 +137,7 @@ def test_adam_mini_rule_on_a_real_nnx_attention_layer():
 def test_no_fan_in_axes_is_optax_adam_and_adamw(first_moment):
     # b1, b2 exactly representable, so that 1 - b is formed alike (see the docstring).
     b1, b2, lr = 0.875, 1 - 2**-10, 0.01
-    everything_own_neuron = [("*", on.fan_in.NONE)]
+    everything_own_neuron = [("*", on.fan_in.NO_AXES)]
     params = params_of(TREES["cnn"])
     mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
     pairs = [
@@ -230,7 +167,7 @@ def test_no_fan_in_axes_is_optax_adam_and_adamw(first_moment):
             )
             u, s = tx.update(g, s, p)
             w, r = ref.update(g, r, p)
-            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(w)):
+            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(w), strict=True):
                 np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
             p = optax.apply_updates(p, u)
 
@@ -320,7 +257,7 @@ def test_nnx_optimizer_matches_the_plain_transformation():
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
     got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     nu = optax.tree.get(opt.opt_state, "neuron_adam_nu")
     assert jnp.shape(nu["layers"][0]["kernel"]) == (1, 4) and jnp.shape(
@@ -418,4 +355,4 @@ def test_state_of_another_mode_or_fan_in_names_the_path():
         scale_by_neuron_adam(first_moment="neuron").update(params, full_state)
     _one_line(e)
     with pytest.raises(ValueError, match="dense/kernel"):
-        scale_by_neuron_adam(fan_in=[("*", on.fan_in.NONE)]).update(params, full_state)
+        scale_by_neuron_adam(fan_in=[("*", on.fan_in.NO_AXES)]).update(params, full_state)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _param_trees import TREES as SHARED_TREES
+from _param_trees import flatten, nest, params_of, random_grads, step_and_compare
 from flax import nnx
 
 import optax_neuron
@@ -24,22 +26,6 @@ from optax_neuron.neuron_mean import NeuronMeanTraceState
 # ---------------------------------------------------------------------------
 # helpers: flat "a/b/c" dicts <-> nested dicts, and the NumPy reference
 # ---------------------------------------------------------------------------
-
-
-def nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
-
-
-def flatten(tree) -> dict:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in leaves}
 
 
 class QuestionMomentum:
@@ -66,48 +52,14 @@ class QuestionMomentum:
         return out
 
 
-# Parameter trees (path -> (shape, fan-in axes written by hand)).
+# Parameter trees (path -> (shape, fan-in axes written by hand)): the shared ones and one more.
 TREES = {
-    "mlp": {
-        "layers/0/kernel": ((7, 5), (0,)),
-        "layers/0/bias": ((5,), ()),
-        "layers/1/kernel": ((5, 3), (0,)),
-        "layers/1/bias": ((3,), ()),
-    },
-    "cnn": {
-        "conv/kernel": ((3, 3, 2, 4), (0, 1, 2)),
-        "conv/bias": ((4,), ()),
-        "dense/kernel": ((36, 6), (0,)),
-        "dense/bias": ((6,), ()),
-    },
-    # nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, out_features=5):
-    # q/k/v kernels (in, heads, head_dim) sum over `in`; out kernel (heads, head_dim, out).
-    "attention": {
-        "query/kernel": ((6, 2, 4), (0,)),
-        "query/bias": ((2, 4), ()),
-        "key/kernel": ((6, 2, 4), (0,)),
-        "key/bias": ((2, 4), ()),
-        "value/kernel": ((6, 2, 4), (0,)),
-        "value/bias": ((2, 4), ()),
-        "out/kernel": ((2, 4, 5), (0, 1)),
-        "out/bias": ((5,), ()),
-    },
+    **SHARED_TREES,
     "embedding": {
         "embed/embedding": ((11, 4), ()),
         "head/kernel": ((4, 11), (0,)),
     },
 }
-
-
-def random_grads(rng, shapes_axes, dtype):
-    return {p: rng.standard_normal(shape).astype(dtype) for p, (shape, _) in shapes_axes.items()}
-
-
-def params_of(shapes_axes, dtype=np.float32, rng=None):
-    rng = rng or np.random.default_rng(0)
-    return nest(
-        {p: jnp.asarray(rng.standard_normal(shape), dtype) for p, (shape, _) in shapes_axes.items()}
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -191,16 +143,7 @@ def _run_against_reference(tree_name, nesterov, dtype, rtol):
     for step in range(STEPS):
         grads = random_grads(rng, shapes_axes, dtype)
         expected = ref.step(grads)
-        updates, state = update(nest({p: jnp.asarray(g) for p, g in grads.items()}), state)
-        got = flatten(updates)
-        for p in expected:
-            assert got[p].dtype == dtype, p
-            # atol: the size of one rounding of the largest value, for entries
-            # where g and mu*mean(a) cancel to near zero.
-            atol = rtol * np.abs(expected[p]).max()
-            np.testing.assert_allclose(
-                got[p], expected[p], rtol=rtol, atol=atol, err_msg=f"{p} step {step}"
-            )
+        state = step_and_compare(update, state, grads, expected, dtype, rtol, step)
     return state
 
 

@@ -250,7 +250,7 @@ def load_mnist(
 # IDX files
 # ---------------------------------------------------------------------------
 
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),

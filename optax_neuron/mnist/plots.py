@@ -128,7 +128,7 @@ def grad_norms_figure(
     """Per-layer gradient norm (last step of each epoch) and running-mean norm per epoch.
 
     Reads ``epoch["grad_stats"]`` (keys ``gradient_norm/<path>`` and
-    ``gradient_mean_norm/<path>`` from :func:`optax_neuron.metrics`). A
+    ``gradient_mean_norm/<path>`` from :func:`optax_neuron.collect_metrics`). A
     parameter keeps its colour in both panels; the legend, outside the panels,
     names it by path (``names`` maps a path to a longer label, see
     :func:`layer_names`); ``global`` (all parameters together) is black.

@@ -68,7 +68,9 @@ OPTIMIZERS: dict[str, OptimizerChoice] = {
     ),
     "adagrad": OptimizerChoice(lambda lr, _: optax.adagrad(lr), 0.05),
     "adadelta": OptimizerChoice(lambda lr, _: optax.adadelta(lr), 1.0),
-    "rso": OptimizerChoice(None, flags=frozenset({"rso_batch_size", "rso_fresh_batch"})),  # no gradients: rso.py
+    "rso": OptimizerChoice(
+        None, flags=frozenset({"rso_batch_size", "rso_fresh_batch"})
+    ),  # no gradients: rso.py
     "neuron-adam": OptimizerChoice(lambda lr, _: on.neuron_adam(lr), 1e-3),
     "neuron-adam-neuron": OptimizerChoice(
         lambda lr, _: on.neuron_adam(lr, first_moment="neuron"), 1e-3
@@ -119,7 +121,7 @@ def make_optimizer(
       total_steps: number of updates of the run (needed for ``"cosine"``).
       grad_stats: put :func:`optax_neuron.gradient_norms` and
         :func:`optax_neuron.running_gradient_mean` (EMA, decay 0.99) in front,
-        so :func:`optax_neuron.metrics` can read per-layer norms.
+        so :func:`optax_neuron.collect_metrics` can read per-layer norms.
 
     Example:
       >>> tx = make_optimizer("neuron-mean-sgd")
@@ -291,7 +293,7 @@ def run(config: TrainConfig, data: Dataset, *, writer=None, progress=True, log=N
         model, optimizer = nnx.merge(graphdef, state)
         record = evaluate_splits(model, data, config.eval_batch_size)
         if grad_stats:
-            metrics = on.metrics(optimizer.opt_state)
+            metrics = on.collect_metrics(optimizer.opt_state)
             record["grad_stats"] = {k: float(v) for k, v in metrics.items() if jnp.ndim(v) == 0}
         return record
 

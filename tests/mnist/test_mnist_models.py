@@ -32,8 +32,8 @@ def test_patch_conv_equals_lax_conv(shape, kernel, padding):
     def both(x, w):  # values and gradients (what training uses) of both implementations
         out = []
         for conv in (patch_conv, jax.lax.conv_general_dilated):
-            f = lambda w: conv(x, w, (1, 1), padding, dimension_numbers=dn, precision=hi)
-            out.append((f(w), jax.grad(lambda w: jnp.sum(jnp.sin(f(w))))(w)))
+            f = lambda w, conv=conv: conv(x, w, (1, 1), padding, dimension_numbers=dn, precision=hi)
+            out.append((f(w), jax.grad(lambda w, f=f: jnp.sum(jnp.sin(f(w))))(w)))
         return out
 
     (got, got_grad), (ref, ref_grad) = both(x, w)
@@ -43,7 +43,9 @@ def test_patch_conv_equals_lax_conv(shape, kernel, padding):
 
 def test_patch_conv_falls_back_for_strides():
     x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 3))
-    ref = jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ref = jax.lax.conv_general_dilated(
+        x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(patch_conv(x, w, (2, 2), "SAME", dimension_numbers=dn), ref)
 
@@ -71,8 +73,10 @@ def test_models_shapes_and_sizes():
     assert shape == (3, 10)
     # 6 conv3x3 (16 filters, no bias) + 6 BatchNorm (scale, shift) + dense 16 -> 10 without bias
     assert n == 9 * 16 + 5 * 9 * 16 * 16 + 6 * 2 * 16 + 16 * 10
-    convs = [l for l in paper.layers if isinstance(l, nnx.Conv)]
-    pools = [i for i, l in enumerate(paper.layers) if getattr(l, "func", None) is nnx.avg_pool]
+    convs = [layer for layer in paper.layers if isinstance(layer, nnx.Conv)]
+    pools = [
+        i for i, layer in enumerate(paper.layers) if getattr(layer, "func", None) is nnx.avg_pool
+    ]
     assert len(convs) == 6 and len(pools) == 2
     with pytest.raises(ValueError, match="model must be one of"):
         make_model("resnet", nnx.Rngs(0))
@@ -107,8 +111,14 @@ def test_vit_shapes_patches_and_attention_fan_in():
     # Patches: row-major 7x7 tiles, tile (r, c) = image[7r:7r+7, 7c:7c+7], flattened row by row.
     embed = PatchEmbedding(7, 5, nnx.Rngs(0))
     x = np.random.default_rng(0).standard_normal((2, 28, 28, 1)).astype(np.float32)
-    tiles = np.stack([x[:, 7 * r : 7 * r + 7, 7 * c : 7 * c + 7, 0].reshape(2, 49)
-                      for r in range(4) for c in range(4)], axis=1)
+    tiles = np.stack(
+        [
+            x[:, 7 * r : 7 * r + 7, 7 * c : 7 * c + 7, 0].reshape(2, 49)
+            for r in range(4)
+            for c in range(4)
+        ],
+        axis=1,
+    )
     want = tiles @ np.asarray(embed.proj.kernel[...]) + np.asarray(embed.proj.bias[...])
     want = want + np.asarray(embed.embedding[...])
     np.testing.assert_allclose(embed(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)

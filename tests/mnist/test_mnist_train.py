@@ -1,4 +1,4 @@
-"""Training: accuracy on a real slice, optimizer first steps, resume equality, TensorBoard read-back."""
+"""Training: accuracy on a real slice, optimizer first steps, resume equality, TensorBoard."""
 
 import struct
 from pathlib import Path
@@ -14,8 +14,14 @@ from optax_neuron.mnist.train import OPTIMIZERS, TrainConfig, make_optimizer, ru
 
 def _slice(n_train=2000, n_val=200, n_test=1000):
     ds = load_mnist()
-    return Dataset(ds.train_images[:n_train], ds.train_labels[:n_train], ds.val_images[:n_val],
-                   ds.val_labels[:n_val], ds.test_images[:n_test], ds.test_labels[:n_test])
+    return Dataset(
+        ds.train_images[:n_train],
+        ds.train_labels[:n_train],
+        ds.val_images[:n_val],
+        ds.val_labels[:n_val],
+        ds.test_images[:n_test],
+        ds.test_labels[:n_test],
+    )
 
 
 def test_one_epoch_on_2000_images_reaches_sane_accuracy():
@@ -25,7 +31,9 @@ def test_one_epoch_on_2000_images_reaches_sane_accuracy():
     # 62 steps (cosine decay to 0) of neuron-mean momentum on 2,000 real digits:
     # measured 0.781 on 1,000 test digits (chance: 0.1).
     assert result["test_accuracy"] > 0.7, result["test_accuracy"]
-    assert epoch["train_loss"] < np.log(10) and np.isfinite(epoch["test_loss"])  # below chance level
+    assert epoch["train_loss"] < np.log(10) and np.isfinite(
+        epoch["test_loss"]
+    )  # below chance level
     assert result["test_accuracy"] == epoch["test_accuracy"]
     assert {"train_accuracy", "val_accuracy", "wall_time", "epoch_time"} <= set(epoch)
 
@@ -39,9 +47,15 @@ _FIRST_STEP = {
     "adam": lambda g, lr: -lr * g / (np.abs(g) + 1e-8),  # bias-corrected m/sqrt(v) = sign(g)
     # One second moment per neuron: the kernel (ones, 2x2) divides by the RMS of its column
     # (the fan-in); the bias (zeros) has no fan-in axes: Adam. Both first moments agree at step 1.
-    "neuron-adam": lambda g, lr: -lr * g / (np.sqrt(np.mean(g**2, axis=0)) if g.ndim == 2 else np.abs(g)),
-    "neuron-adam-neuron": lambda g, lr: -lr * g / (np.sqrt(np.mean(g**2, axis=0)) if g.ndim == 2 else np.abs(g)),
-    "adamw": lambda g, lr: -lr * (np.sign(g) + 1e-4 * (g.ndim == 2)),  # decay 1e-4 * w, w = 1 (kernel)
+    "neuron-adam": lambda g, lr: (
+        -lr * g / (np.sqrt(np.mean(g**2, axis=0)) if g.ndim == 2 else np.abs(g))
+    ),
+    "neuron-adam-neuron": lambda g, lr: (
+        -lr * g / (np.sqrt(np.mean(g**2, axis=0)) if g.ndim == 2 else np.abs(g))
+    ),
+    "adamw": lambda g, lr: (
+        -lr * (np.sign(g) + 1e-4 * (g.ndim == 2))
+    ),  # decay 1e-4 * w, w = 1 (kernel)
     # Adafactor: v_1 = g^2 (decay 1 - 1^-0.8 = 0), unfactored (dims < 128): sign(g), RMS 1 (no
     # clipping), times the parameter scale max(RMS(w), 1e-3): 1 for the kernel, 1e-3 for the bias.
     "adafactor": lambda g, lr: -lr * np.sign(g) * (1.0 if g.ndim == 2 else 1e-3),
@@ -61,8 +75,12 @@ def test_each_optimizer_first_step(name):
     lr = 0.05
     tx = make_optimizer(name, learning_rate=lr, schedule="cosine", total_steps=10, grad_stats=True)
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    np.testing.assert_allclose(updates["dense"]["kernel"], _FIRST_STEP[name](g, lr), rtol=2e-3, atol=1e-7)
-    np.testing.assert_allclose(updates["dense"]["bias"], _FIRST_STEP[name](g[0], lr), rtol=2e-3, atol=1e-7)
+    np.testing.assert_allclose(
+        updates["dense"]["kernel"], _FIRST_STEP[name](g, lr), rtol=2e-3, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        updates["dense"]["bias"], _FIRST_STEP[name](g[0], lr), rtol=2e-3, atol=1e-7
+    )
 
 
 def test_make_optimizer_errors():
@@ -79,7 +97,7 @@ def test_make_optimizer_errors():
 def _assert_same_params(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb) > 0
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -90,8 +108,15 @@ def _strip_times(epochs):
 @pytest.mark.parametrize("optimizer", ["neuron-mean-sgd", "rso"])
 def test_resume_is_bit_identical(tmp_path, optimizer):
     data = _slice(n_train=256, n_val=64, n_test=128)
-    base = dict(optimizer=optimizer, model="mlp", hidden=4, batch_size=64, rso_batch_size=64,
-                grad_stats=True, seed=3)
+    base = {
+        "optimizer": optimizer,
+        "model": "mlp",
+        "hidden": 4,
+        "batch_size": 64,
+        "rso_batch_size": 64,
+        "grad_stats": True,
+        "seed": 3,
+    }
     straight = run(TrainConfig(epochs=2, **base), data, progress=False)
     ckpt = str(tmp_path / "ckpt")
     # interrupted after epoch 1 of 2 (the cosine schedule spans both epochs)
@@ -102,8 +127,12 @@ def test_resume_is_bit_identical(tmp_path, optimizer):
     assert _strip_times(resumed["epochs"]) == _strip_times(straight["epochs"])
     assert _strip_times(resumed["epochs"][:1]) == _strip_times(first["epochs"])
     # and the run really moved: the parameters after 1 and 2 epochs differ
-    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(first["params"]),
-                                                        jax.tree.leaves(straight["params"])))
+    assert any(
+        not np.array_equal(x, y)
+        for x, y in zip(
+            jax.tree.leaves(first["params"]), jax.tree.leaves(straight["params"]), strict=True
+        )
+    )
 
 
 def _read_events(logdir):
@@ -129,16 +158,24 @@ def test_tensorboard_events_read_back(tmp_path):
 
     data = _slice(n_train=256, n_val=64, n_test=128)
     writer = on.summary_writer(str(tmp_path / "tb"))
-    result = run(TrainConfig(optimizer="momentum", model="mlp", hidden=4, batch_size=64, epochs=2),
-                 data, writer=writer, progress=False)
+    result = run(
+        TrainConfig(optimizer="momentum", model="mlp", hidden=4, batch_size=64, epochs=2),
+        data,
+        writer=writer,
+        progress=False,
+    )
     writer.close()
     events = _read_events(tmp_path / "tb")
     for tag in ("train_loss", "test_accuracy", "val_accuracy"):
         assert [s for s, _ in events[tag]] == [1, 2]
-        np.testing.assert_allclose([v for _, v in events[tag]], [e[tag] for e in result["epochs"]], rtol=1e-6)
+        np.testing.assert_allclose(
+            [v for _, v in events[tag]], [e[tag] for e in result["epochs"]], rtol=1e-6
+        )
     for layer in ("layers/1/kernel", "layers/3/kernel", "layers/3/bias"):
         assert len(events[f"gradient_norm/{layer}"]) == 2
         assert all(v > 0 for _, v in events[f"gradient_mean_norm/{layer}"])
     np.testing.assert_allclose(
         [v for _, v in events["gradient_norm/global"]],
-        [e["grad_stats"]["gradient_norm/global"] for e in result["epochs"]], rtol=1e-6)
+        [e["grad_stats"]["gradient_norm/global"] for e in result["epochs"]],
+        rtol=1e-6,
+    )
