@@ -26,10 +26,6 @@
 # 2. what does a per-neuron first moment cost?
 
 # %%
-import os
-
-FULL = os.environ.get("NOTEBOOK_FULL") == "1"  # committed outputs: full run; tests: tiny sizes
-
 import time
 
 import jax
@@ -37,6 +33,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+from _helpers import FULL, setup  # shared helpers: notebooks/_helpers.py
 from flax import nnx
 
 import optax_neuron as on
@@ -46,12 +43,7 @@ from optax_neuron.mnist.train import evaluate
 
 # %matplotlib inline
 # %config InlineBackend.figure_formats = ["png"]
-plt.rcParams.update({"figure.dpi": 70, "axes.grid": True, "grid.alpha": 0.3})
-print(
-    "full run" if FULL else "small run (NOTEBOOK_FULL=1 for the full one)",
-    "on",
-    jax.default_backend(),
-)
+setup()
 
 # %% [markdown]
 # ## The rule, on one Dense kernel
