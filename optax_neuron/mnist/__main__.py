@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(same flags as the original run)",
     )
     p.add_argument(
+        "--stop-after",
+        type=_positive("--stop-after"),
+        default=None,
+        metavar="N",
+        help="end after N epochs (RSO: cycles) as if interrupted; the learning-rate schedule "
+        "and RSO's step anneal still span --epochs, and --resume continues the run",
+    )
+    p.add_argument(
         "--compare",
         default=None,
         metavar="OPT1,OPT2,...",
@@ -275,6 +283,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint DIR")
+    if args.stop_after is not None and args.stop_after > args.epochs:
+        raise UsageError(f"--stop-after {args.stop_after} must be <= --epochs {args.epochs}")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir {args.data_dir}: no such directory")
     return args
@@ -332,6 +342,7 @@ def _config(args, optimizer: str, checkpoint: str | None):
         rso_batch_size=args.rso_batch_size,
         devices=args.devices,
         rso_fresh_batch=args.rso_fresh_batch,
+        stop_after=args.stop_after,
     )
     default = TrainConfig()
     for key in (*OPTIMIZER_FLAGS, "grad_stats"):

@@ -163,7 +163,7 @@ class TrainConfig:
     resume: bool = False
     hidden: int | None = None
     rso_batch_size: int = 5000
-    stop_after: int | None = None  # end after this many epochs as if interrupted (tests)
+    stop_after: int | None = None  # end after this many epochs as if interrupted (--stop-after)
     rso_chunk: int = 1000
     rso_fresh_batch: str = "chunk"  # RSO: a fresh minibatch per chunk of weights, or per "weight"
     eval_batch_size: int = 1000

@@ -183,12 +183,48 @@ class LinearLayer:
         new = jnp.where(apply, cur + delta.astype(out.dtype) * col, cur)
         return jax.lax.dynamic_update_index_in_dim(out, new, o, axis=out.ndim - 1)
 
+    def column_cm(self, h_cm, kshape, flat_index):
+        """As :meth:`column`, from the input stored channel-major (channel axis first).
+
+        One input channel is then one contiguous block: reading it touches ``1/C`` of
+        the activation instead of every cache line of a channels-last array.
+        Returns ``(o, column)`` with ``column`` of shape ``(N, ..., 1)``.
+        """
+        if self.kind == "dense":
+            i, o = flat_index // kshape[1], flat_index % kshape[1]
+            return o, jax.lax.dynamic_index_in_dim(h_cm, i, axis=0, keepdims=False)[..., None]
+        kh, kw, cin, cout = kshape
+        a = flat_index // (kw * cin * cout)
+        b = (flat_index // (cin * cout)) % kw
+        i = (flat_index // cout) % cin
+        o = flat_index % cout
+        x = jax.lax.dynamic_index_in_dim(h_cm, i, axis=0, keepdims=False)  # (N, H, W)
+        xp = jnp.pad(x, ((0, 0), *self._pads(kshape)))
+        ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+        return o, jax.lax.dynamic_slice(xp, (0, a, b), (x.shape[0], ho, wo))[..., None]
+
     def add_input_channel(self, params, out, d, channel):
-        """``out + A(W[..., c:c+1, :], d)``: input channel ``c = channel`` changed by ``d``."""
+        """``out + A(W[..., c:c+1, :], d)``: input channel ``c = channel`` changed by ``d``.
+
+        ``d`` has one channel (last axis of size 1). For a convolution the product is
+        written as a sum of ``kh * kw`` shifted outer products,
+        ``sum_{a,b} d_pad[:, y+a, x+b] * W[a, b, c, :]``, which XLA fuses into one
+        pass over ``out`` (a one-input-channel ``lax.conv`` is several times slower
+        on CPU); it equals the convolution up to the order of the float additions.
+        """
         w = leaf_at(params, self.kernel)
-        axis = w.ndim - 2
-        w_c = jax.lax.dynamic_index_in_dim(w, channel, axis=axis, keepdims=True)
-        return out + self.apply(w_c, d.astype(w.dtype)).astype(out.dtype)
+        w_c = jax.lax.dynamic_index_in_dim(w, channel, axis=w.ndim - 2, keepdims=False)
+        d = d.astype(w.dtype)
+        if self.kind == "dense":
+            return out + (d * w_c).astype(out.dtype)
+        kh, kw = w.shape[:2]
+        dp = jnp.pad(d[..., 0], ((0, 0), *self._pads(w.shape)))
+        ho, wo = dp.shape[1] - kh + 1, dp.shape[2] - kw + 1
+        acc = out
+        for a in range(kh):
+            for b in range(kw):
+                acc = acc + (dp[:, a : a + ho, b : b + wo, None] * w_c[a, b]).astype(out.dtype)
+        return acc
 
 
 def dense_layer(kernel: str) -> LinearLayer:

@@ -153,18 +153,36 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
             change = Change(index, _delta(mine, j, trial, wt.committed), k_batch)
             return ev.loss(s.tree_of(work), c.cache, change).astype(c.losses.dtype)
 
-        # a static unroll: no inner loop capturing the (large) cache, which XLA would copy
-        losses = jnp.stack([c.losses[0] if p < s.first_phase else score(p) for p in range(3)])
+        phases = range(s.first_phase, 3)
+        if getattr(ev, "batched", False):  # every candidate in one vmap, kept without recomputing
+            params = s.tree_of(c.work)  # the evaluator reads the change, not the searched leaf
+            deltas = jnp.stack(
+                [
+                    _delta(mine, j, _candidate(s, mine, wt, signs[p] * dw)[0], wt.committed)
+                    for p in phases
+                ]
+            )
+            vals, aux = ev.scores(params, c.cache, index, deltas, k_batch)
+            vals = vals.astype(c.losses.dtype)
+            losses = jnp.concatenate([c.losses[:1], vals]) if s.first_phase else vals
+        else:  # a static unroll: no inner loop capturing the (large) cache, which XLA would copy
+            losses = jnp.stack([c.losses[0] if p < s.first_phase else score(p) for p in range(3)])
         ch = rule.choose(losses[0], losses[1], losses[2])
         final, u_new = _candidate(s, mine, wt, ch.sign * dw)
         work = _set(c.work, mine, j, wt.idx, final, True)
         moved = ch.accepted | s.decay
-        cache = ev.commit(
-            s.tree_of(work),
-            c.cache,
-            Change(index, _delta(mine, j, final, wt.committed), k_batch),
-            moved,
-        )
+        if getattr(ev, "batched", False):
+            sel = jnp.where(ch.sign > 0, 1, jnp.where(ch.sign < 0, 2, 0)) - s.first_phase
+            sel = jnp.clip(sel, 0, len(phases) - 1)
+            chosen = jax.tree_util.tree_map(lambda a: a[sel], aux)
+            cache = ev.commit_scored(params, c.cache, index, chosen, moved)
+        else:
+            cache = ev.commit(
+                s.tree_of(work),
+                c.cache,
+                Change(index, _delta(mine, j, final, wt.committed), k_batch),
+                moved,
+            )
         return c._replace(
             cursor=c.cursor + 1,
             done=c.done + 1,

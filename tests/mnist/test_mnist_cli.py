@@ -37,6 +37,8 @@ def _fails(argv, capsys, match):
         (["--learning-rate", "-0.1"], "--learning-rate must be > 0"),
         (["--data-dir", "/nonexistent/mnist"], "--data-dir /nonexistent/mnist: no such directory"),
         (["--resume"], "--resume needs --checkpoint"),
+        (["--stop-after", "0"], "--stop-after must be >= 1, got 0"),
+        (["--epochs", "2", "--stop-after", "3"], "--stop-after 3 must be <= --epochs 2"),
         (["--compare", "sgd,lamb"], "unknown optimizer(s) ['lamb']"),
         (["--compare", "sgd,sgd"], "twice"),
         (["--model", "vgg"], "invalid choice: 'vgg'"),
@@ -113,6 +115,24 @@ def test_resume_with_the_same_flags_continues(tmp_path, capsys):
     assert main(["--resume", *base, "--epochs", "2"]) == 0  # nothing left to train
     out = capsys.readouterr().out
     assert f"resumed from {ckpt} after epoch 2" in out and out.strip().endswith(straight[-6:])
+
+
+def test_stop_after_then_resume_equals_a_straight_run(tmp_path, capsys):
+    base = [*TINY[:-3], "--no-progress", "--epochs", "2"]
+    assert main([*base, "--out", str(tmp_path / "straight")]) == 0
+    capsys.readouterr()
+    ckpt = ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "split")]
+    assert main([*base, *ckpt, "--stop-after", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1:" in out and "epoch 2:" not in out
+    assert main([*base, *ckpt, "--resume"]) == 0  # --stop-after is not a setting of the run
+    assert "resumed from" in capsys.readouterr().out
+    straight, split = (
+        json.loads((tmp_path / d / "metrics.json").read_text())["epochs"]
+        for d in ("straight", "split")
+    )
+    keys = ("train_loss", "test_loss", "test_accuracy")
+    assert [[e[k] for k in keys] for e in split] == [[e[k] for k in keys] for e in straight]
 
 
 def test_library_checks_name_the_flag():
