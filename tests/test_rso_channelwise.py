@@ -112,6 +112,36 @@ def test_incremental_loss_and_commit_match_full_evaluation(k, path, m):
     print(f"{path}: max relative loss difference {worst:.2e}")
 
 
+def test_incremental_between_two_adjacent_linear_layers():
+    """conv -> conv: the changed output channel is the next layer's changed input channel."""
+    params = rso_init(
+        jax.random.key(2),
+        {"a": {"kernel": jnp.zeros((3, 3, 2, 3))}, "b": {"kernel": jnp.zeros((3, 3, 3, 4))},
+         "head": {"kernel": jnp.zeros((4, 5))}},
+    )  # fmt: skip
+    layers = [
+        conv_layer("a/kernel"),
+        conv_layer("b/kernel"),
+        global_pool,
+        dense_layer("head/kernel"),
+    ]
+    x, y = _data()
+    stack = LayerStack(layers, _ce, jnp.concatenate([x, -x], axis=-1), y)
+    ev = Incremental(stack, 0, (3, 3, 2, 3))
+    assert ev.m == 1 and ev.linear_m and ev.cached == (0, 1, 2)
+    cache = ev.start(params)
+    for flat, delta in [(0, 0.4), (25, -1.1), (53, 2.0)]:
+        moved = {**params, "a": {"kernel": params["a"]["kernel"].ravel().at[flat].add(delta)}}
+        moved["a"]["kernel"] = moved["a"]["kernel"].reshape(3, 3, 2, 3)
+        change = Change(jnp.int32(flat), jnp.float32(delta), jax.random.key(0))
+        np.testing.assert_allclose(
+            float(ev.loss(params, cache, change)), float(stack(moved)), rtol=RTOL
+        )
+        acts = stack.activations(moved)[0]
+        for j, got in ev.view(ev.commit(params, cache, change, True)).items():
+            np.testing.assert_allclose(np.asarray(got), np.asarray(acts[j]), rtol=1e-4, atol=1e-5)
+
+
 def test_channelwise_search_matches_black_box():
     params, layers = _net()
     x, y = _data(n=16, seed=3)

@@ -236,14 +236,14 @@ class RSOSearch:
             "weight_decay": RSO_WEIGHT_DECAY,
             "fast_path": fast_path,
         }
-        probe = on.rso(**kwargs).init(self.params)
-        self.total = _searched_count(probe, self.params)
+        # the state does not depend on weights_per_step: init once, then size the chunks
+        self.state = on.rso(**kwargs).init(self.params)
+        self.total = _searched_count(self.state, self.params)
         self.chunk = _chunk_size(self.total, chunk)
         self.calls = self.total // self.chunk
         self.tx = on.rso(
             weights_per_step=self.chunk, per_weight_batch=fresh_batch == "weight", **kwargs
         )
-        self.state = self.tx.init(self.params)
         self._step = jax.jit(self._chunk_step)
 
     def _chunk_step(self, params, opt_state, x_train, y_train, perm, call):
