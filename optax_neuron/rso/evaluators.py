@@ -171,7 +171,7 @@ class Incremental:
         :meth:`commit_scored` writes. Only in the fast case (``self.batched``).
         """
         layers: Any = self.stack.layers
-        o = layers[self.k].column_cm(cache[0], self.kshape, index)[0]
+        o = index % self.kshape[-1]  # the output channel (last kernel axis) of the element
         # the one-channel paths first, materialised (small): otherwise XLA recomputes them
         # inside every consumer fusion, and reads of the cache after its in-place update
         # force it to copy the cached activations on every weight
@@ -192,7 +192,7 @@ class Incremental:
         """The cache after the candidate whose ``aux`` (from :meth:`scores`) is kept."""
         layers: Any = self.stack.layers
         new_k, new_m, d = aux
-        o = layers[self.k].column_cm(cache[0], self.kshape, index)[0]
+        o = index % self.kshape[-1]  # the output channel (last kernel axis) of the element
         cache = list(cache)
         cache[1] = _cm_set(cache[1], o, jnp.where(apply, new_k, _cm_channel(cache[1], o)))
         if self.m > self.k + 1:

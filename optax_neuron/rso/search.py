@@ -154,7 +154,8 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
             return ev.loss(s.tree_of(work), c.cache, change).astype(c.losses.dtype)
 
         phases = range(s.first_phase, 3)
-        if getattr(ev, "batched", False):  # every candidate in one vmap, kept without recomputing
+        batched = getattr(ev, "batched", False)
+        if batched:  # every candidate in one call, the kept one committed without recomputing
             params = s.tree_of(c.work)  # the evaluator reads the change, not the searched leaf
             deltas = jnp.stack(
                 [
@@ -171,7 +172,7 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
         final, u_new = _candidate(s, mine, wt, ch.sign * dw)
         work = _set(c.work, mine, j, wt.idx, final, True)
         moved = ch.accepted | s.decay
-        if getattr(ev, "batched", False):
+        if batched:
             sel = jnp.where(ch.sign > 0, 1, jnp.where(ch.sign < 0, 2, 0)) - s.first_phase
             sel = jnp.clip(sel, 0, len(phases) - 1)
             chosen = jax.tree_util.tree_map(lambda a: a[sel], aux)
