@@ -288,3 +288,16 @@ def test_recipe_bad_input():
         rso(sigma="xavier")
     with pytest.raises(ValueError, match=r"d/kernel.*'he'"):
         rso(sigma=[("*", "lecun")], search=[("d/*", True)]).init(params)
+
+
+def test_decay_rounds_the_product_on_its_own():
+    # XLA's CPU backend would contract u - w * wd into one fused multiply-add (rounded
+    # once), which differs from the formula for about a quarter of these values.
+    from optax_neuron.rso.rule import decayed
+
+    rng = np.random.default_rng(0)
+    u = (rng.standard_normal(20_000) * 0.01).astype(np.float32)
+    w = rng.standard_normal(20_000).astype(np.float32)
+    wd = np.float32(1e-2)
+    got = np.asarray(jax.jit(lambda u, w: decayed(u, w, 1e-2))(u, w))
+    np.testing.assert_array_equal(got, u - w * wd)

@@ -61,5 +61,13 @@ def choose(keep: jax.Array, plus: jax.Array, minus: jax.Array) -> Choice:
 
 
 def decayed(u: jax.Array, w: jax.Array, weight_decay: float) -> jax.Array:
-    """The update after the visit's weight decay: ``u - w * wd`` (``u`` itself when ``wd = 0``)."""
-    return u - w * jnp.asarray(weight_decay, w.dtype)
+    """The update after the visit's weight decay: ``u - w * wd`` (``u`` itself when ``wd = 0``).
+
+    The product is rounded on its own before the subtraction, as NumPy computes it.
+    Written plainly, XLA's CPU backend contracts the two into one fused multiply-add
+    (rounded once), which differs from the formula in the last bit for about one
+    value in four; the identity select between them (``p`` where ``p == p``, else NaN:
+    ``p`` itself) stops that, and ``optimization_barrier`` does not.
+    """
+    p = w * jnp.asarray(weight_decay, w.dtype)
+    return u - jnp.where(p == p, p, jnp.nan)
