@@ -1,9 +1,11 @@
 """The search loops: sequential and speculative, over named carries.
 
 One ``update`` runs :func:`run`: an outer ``while_loop`` over *segments* (the part
-of one searched leaf inside the call's budget), each an inner ``while_loop`` over
-the weights of that leaf. The evaluator of a segment is chosen statically per owner
-layer (``lax.switch``), see :mod:`optax_neuron.rso.evaluators`.
+of one searched leaf inside the call's budget; in the sequential loop of a layer
+stack, of a run of consecutive leaves owned by the same layer), each an inner
+``while_loop`` over the weights of that segment. The evaluator of a segment is
+chosen statically per owner layer (``lax.switch``), see
+:mod:`optax_neuron.rso.evaluators`.
 
 The sequential loop visits one weight per iteration: it scores ``w`` (only when the
 current loss is not known: the first weight of a call, a fresh batch per weight, or a
@@ -129,10 +131,13 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
     ends = jnp.asarray(plan.starts + plan.sizes, jnp.int32)
     starts = jnp.asarray(plan.starts, jnp.int32)
     j = jnp.sum(carry.cursor >= ends).astype(jnp.int32)
-    seg_end = ends[j]
     nv = len(plan.visit)
     owner: Any = s.owner  # set whenever k is (a layer-stack search)
     mine = list(range(nv)) if k is None else [t for t in range(nv) if owner[t] == k]
+    # the sequential loop runs on through the next leaves of the same owner (BatchNorm
+    # shift then scale): its cache stays valid, and is not recomputed for each leaf
+    run_end = _run_ends(plan, owner) if (k is not None and s.speculate == 1) else ends
+    seg_end = run_end[j]
     kshapes = {plan.shapes[t] for t in mine}
     kshape: Any = next(iter(kshapes)) if len(kshapes) == 1 else None
     ev = make_evaluator(s.value_fn, s.per_weight_batch, s.fast_path, k, kshape)
@@ -141,6 +146,7 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
 
     def body(c: Carry) -> Carry:
         """One weight: score the candidates from ``c.phase`` on, choose, commit."""
+        j = jnp.sum(c.cursor >= ends).astype(jnp.int32)  # the leaf (a segment may span several)
         i = c.cursor - starts[j]
         wt = _weight(s, mine, j, i, c.work, c.upd)
         k_batch = rule.weight_key(s.base, c.cycle, c.cursor)[1]
@@ -267,6 +273,16 @@ def _segment(s: Search, k: int | None, carry: Carry) -> Carry:
         cycle=jnp.where(wrap, out.cycle + 1, out.cycle),
         cache=(),
     )
+
+
+def _run_ends(plan: Plan, owner) -> jax.Array:
+    """Per visited leaf: the end of the run of consecutive leaves owned by the same layer."""
+    ends = [int(e) for e in plan.starts + plan.sizes]
+    out = list(ends)
+    for t in range(len(ends) - 2, -1, -1):
+        if owner[t + 1] == owner[t]:
+            out[t] = out[t + 1]
+    return jnp.asarray(out, jnp.int32)
 
 
 def run(s: Search, cursor, cycle, loss_dtype) -> Carry:
