@@ -29,13 +29,18 @@ then costs one column, one channel through the channel-wise layers, one input-ch
 slice of the next linear layer, and the layers after that in full. A plain function
 layer ends that path (it re-runs from its cached input with one channel replaced).
 
+The official code's data: ``LayerStack(layers, loss, x_train, y_train, batch=B)`` with
+``rso(per_weight_batch=True)`` scores every weight on ``B`` fresh rows of its layer's
+input over the whole data set, computed once per leaf.
+
 Modules:
 
 * :mod:`~optax_neuron.rso.plan`: what is searched, leaf order, order inside a leaf,
   steps (``sigma``), the owner layer of each leaf;
 * :mod:`~optax_neuron.rso.rule`: the random draw and the choice rule (written once; the
   PRNG scheme is documented there);
-* :mod:`~optax_neuron.rso.evaluators`: black box, cached layer stack, incremental;
+* :mod:`~optax_neuron.rso.evaluators`: black box, cached layer stack, incremental,
+  fresh rows per weight (sampled);
 * :mod:`~optax_neuron.rso.search`: the sequential and speculative loops;
 * :mod:`~optax_neuron.rso.layers`: ``LayerStack``, ``LinearLayer``, ``dense_layer``,
   ``conv_layer``, ``channelwise``;

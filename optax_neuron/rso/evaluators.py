@@ -13,7 +13,9 @@ An evaluator serves one searched leaf (a *segment*) and has three methods:
 a :class:`LinearLayer`) adds the change to the cached output as one column and, through
 :func:`channelwise` layers, carries the one changed channel to the next
 :class:`LinearLayer`, whose output gets one input-channel slice of its kernel; only the
-layers after it run in full.
+layers after it run in full. :class:`Sampled` (a :class:`LayerStack` with ``batch=``
+and a fresh minibatch per weight) scores every weight on its own rows of the owner's
+input over the whole data set.
 """
 
 from __future__ import annotations
@@ -229,6 +231,48 @@ class Incremental:
         return tuple(cache)
 
 
+class Sampled:
+    """A fresh minibatch per weight from the cached input of layer ``k`` (``stack.batch`` rows).
+
+    ``start`` computes the input of layer ``k`` over the whole data set (the stack's
+    ``inputs``), once per segment: the layers before ``k`` do not change while a leaf
+    of layer ``k`` is searched. Every weight draws its rows from its batch key
+    (:meth:`LayerStack.rows`) and scores its candidates on them from layer ``k`` on.
+    With ``incremental`` and a :class:`LinearLayer` owner whose next non-channel-wise
+    layer is linear, the rows run once through layers ``k .. m`` and the candidates
+    share that (:class:`Incremental` on the rows); otherwise every candidate runs
+    the layers from ``k``. Nothing is carried from weight to weight but the input.
+    """
+
+    def __init__(self, stack: LayerStack, k: int, kshape: tuple[int, ...] | None, incremental):
+        self.stack, self.k, self.kshape = stack, k, kshape
+        self.batched = False
+        if incremental and kshape is not None and isinstance(stack.layers[k], LinearLayer):
+            tail = LayerStack(stack.layers[k:], stack.loss, None)
+            self.batched = Incremental(tail, 0, kshape).linear_m
+
+    def start(self, params):
+        return (self.stack.input_of(self.k, params),)
+
+    def _tail(self, cache, key):
+        return self.stack.tail(self.k, cache[0], self.stack.rows(key))
+
+    def loss(self, params, cache, change):
+        return self._tail(cache, change.key)(params)
+
+    def commit(self, params, cache, change, apply):
+        return cache
+
+    def scores(self, params, cache, index, deltas, key):
+        """The losses of the candidates ``W.flat[index] += deltas[c]`` on the weight's rows."""
+        assert self.kshape is not None
+        inc = Incremental(self._tail(cache, key), 0, self.kshape)
+        return inc.scores(params, inc.start(params), index, deltas, key)
+
+    def commit_scored(self, params, cache, index, aux, apply):
+        return cache
+
+
 def make_evaluator(
     value_fn: Any,
     per_weight_batch: bool,
@@ -240,6 +284,8 @@ def make_evaluator(
     if k is None:
         return BlackBox(value_fn, per_weight_batch)
     layer = value_fn.layers[k]
+    if per_weight_batch:  # a LayerStack with batch= (checked by rso)
+        return Sampled(value_fn, k, kshape, fast_path == "incremental")
     if fast_path == "incremental" and isinstance(layer, LinearLayer) and kshape is not None:
         return Incremental(value_fn, k, kshape)
     return CachedStack(value_fn, k)

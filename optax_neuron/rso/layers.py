@@ -72,12 +72,27 @@ class LayerStack:
     It is a pytree: ``inputs`` and ``targets`` are its leaves, the functions are
     static, so a jitted step taking the batch as an argument compiles once.
 
+    **A fresh minibatch per weight from cached layer inputs** (the official code's
+    data scheme): give the whole data set as ``inputs``/``targets`` and ``batch=B``,
+    and search with ``rso(per_weight_batch=True)``. For every searched leaf, owned by
+    layer ``k``, the search computes the input of layer ``k`` over the whole data set
+    once (``h_k = f_{k-1}(... f_0(params, inputs))``, every row at once, so a layer
+    with batch statistics before ``k`` uses those of the whole set); weight ``n`` of
+    cycle ``c`` is scored on the rows ``r = randint(k_batch, (B,), 0, N)`` of it
+    (drawn with replacement; ``k_batch`` is the weight's batch key, see
+    :func:`optax_neuron.rso`): ``F = loss(f_{L-1}(... f_k(params, h_k[r])), targets[r])``,
+    the layers from ``k`` on with the statistics of those ``B`` rows. Called
+    directly, ``stack(params)`` is the loss over all ``N`` rows.
+
     Args:
       layers: sequence of functions ``f_i(params, h) -> h`` (each reads its own
         part of the full parameter tree).
       loss: ``loss(out, targets) -> scalar``.
-      inputs: the minibatch inputs entering ``layers[0]``.
-      targets: anything the loss needs (labels), a pytree of arrays.
+      inputs: the minibatch inputs entering ``layers[0]`` (with ``batch``: the
+        whole data set, rows on the first axis).
+      targets: anything the loss needs (labels), a pytree of arrays (with
+        ``batch``: one row per input row).
+      batch: ``None``, or the rows per weight with ``rso(per_weight_batch=True)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -90,13 +105,44 @@ class LayerStack:
     """
 
     def __init__(
-        self, layers: Sequence[Callable], loss: Callable, inputs: Any, targets: Any = None
+        self,
+        layers: Sequence[Callable],
+        loss: Callable,
+        inputs: Any,
+        targets: Any = None,
+        batch: int | None = None,
     ):
         # plain functions, or LinearLayer / ChannelwiseLayer objects with more methods
         self.layers: tuple[Any, ...] = tuple(layers)
         self.loss = loss
         self.inputs = inputs
         self.targets = targets
+        if batch is not None and (
+            not isinstance(batch, int) or isinstance(batch, bool) or batch < 1
+        ):
+            raise ValueError(f"LayerStack: batch must be None or a positive int, got {batch!r}")
+        self.batch = batch
+
+    def input_of(self, k: int, params: Any) -> Any:
+        """The input of ``layers[k]`` (``inputs`` through layers ``0 .. k-1``)."""
+        h = self.inputs
+        for f in self.layers[:k]:
+            h = f(params, h)
+        return h
+
+    def rows(self, key: jax.Array) -> jax.Array:
+        """The ``batch`` row indices of one weight: ``randint(key, (batch,), 0, N)``."""
+        if self.batch is None:
+            raise ValueError("LayerStack.rows: this stack has no batch= (rows per weight)")
+        n = jax.tree.leaves(self.inputs)[0].shape[0]
+        return jax.random.randint(key, (self.batch,), 0, n)
+
+    def tail(self, k: int, h_k: Any, rows: jax.Array) -> LayerStack:
+        """The stack of ``layers[k:]`` on the rows ``rows`` of ``h_k``, the input of layer ``k``."""
+        take = lambda x: jnp.take(x, rows, axis=0)
+        return LayerStack(
+            self.layers[k:], self.loss, jax.tree.map(take, h_k), jax.tree.map(take, self.targets)
+        )
 
     def activations(self, params: Any) -> tuple[list, jax.Array]:
         """The input of every layer followed by the output, and the loss."""
@@ -117,11 +163,11 @@ class LayerStack:
         return self.activations(params)[1]
 
     def tree_flatten(self):
-        return (self.inputs, self.targets), (self.layers, self.loss)
+        return (self.inputs, self.targets), (self.layers, self.loss, self.batch)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(aux[0], aux[1], *children)
+        return cls(aux[0], aux[1], children[0], children[1], batch=aux[2])
 
 
 jax.tree_util.register_pytree_node_class(LayerStack)

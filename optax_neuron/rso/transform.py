@@ -142,9 +142,12 @@ def rso(
       per_weight_batch: ``False``: ``value_fn(params)`` is the loss on the call's
         minibatch, reused for all its weights. ``True``: ``value_fn(params, key)``
         draws a fresh minibatch from ``key`` (the weight's ``k_batch``); three
-        evaluations per weight, as in the paper.
-      fast_path: used when ``value_fn`` is a :class:`LayerStack` (and
-        ``per_weight_batch=False``). ``"cache"``: re-run only from the layer that
+        evaluations per weight, as in the paper. Or ``value_fn`` is a
+        :class:`LayerStack` over the whole data set with ``batch=B``: every weight
+        is scored on ``B`` rows of the owner layer's input, computed over the whole
+        set once per leaf (the official code's scheme; see :class:`LayerStack`).
+      fast_path: used when ``value_fn`` is a :class:`LayerStack`.
+        ``"cache"``: re-run only from the layer that
         owns the searched leaf: exactly the black-box losses. ``"incremental"``
         (default): in addition, a :func:`dense_layer`/:func:`conv_layer` kernel's
         candidate is added to the cached output as one column and carried through
@@ -259,7 +262,19 @@ def rso(
                 f"rso: parameters {missing} are searched but not in the state; was "
                 "init called with these params?"
             )
-        key_args = (jax.random.key(0),) if per_weight_batch else ()
+        sampled = isinstance(value_fn, LayerStack) and value_fn.batch is not None
+        if isinstance(value_fn, LayerStack) and per_weight_batch != sampled:
+            raise ValueError(
+                "rso: a LayerStack with batch= (rows per weight from cached layer inputs) "
+                "needs per_weight_batch=True, and per_weight_batch=True with a LayerStack "
+                f"needs batch=; got batch={value_fn.batch!r}, per_weight_batch={per_weight_batch}"
+            )
+        if sampled and fast_path == "off":
+            raise ValueError(
+                "rso: a LayerStack with batch= is scored from cached layer inputs; "
+                "fast_path must be 'incremental' or 'cache', got 'off'"
+            )
+        key_args = (jax.random.key(0),) if per_weight_batch and not sampled else ()
         try:
             out = jax.eval_shape(value_fn, params, *key_args)
         except TypeError as e:
@@ -271,7 +286,7 @@ def rso(
             or not jnp.issubdtype(out.dtype, jnp.floating)
         ):
             raise ValueError(f"rso: value_fn must return a scalar floating loss, got {out}")
-        layered = isinstance(value_fn, LayerStack) and fast_path != "off" and not per_weight_batch
+        layered = isinstance(value_fn, LayerStack) and fast_path != "off"
         gathered = [_gathered(leaves[i]) for i in plan.visit]
         for (x, _), i in zip(gathered, plan.visit, strict=True):
             leaves[i] = x
