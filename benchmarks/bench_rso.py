@@ -282,7 +282,7 @@ def main(argv=None):
                 f"application, fresh batch per {k[0]}, batch {k[1]}: {times[k][-1]:.1f} s",
                 flush=True,
             )
-    for mode, bs in (("chunk", batches[1:]), ("weight", weight_batches)):
+    for mode, bs in (("weight", weight_batches), ("chunk", batches[1:])):
         for b in bs:
             app = AppCycle(x_train, y_train, batch=b, channels=channels, fresh_batch=mode)
             times[(mode, b)] = [app.cycle()]

@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=("chunk", "weight"),
         help="RSO: a fresh minibatch per chunk of weights (default: chunk) or per weight, "
-        "as the RSO paper's official code",
+        "as the RSO paper's official code: every weight is scored on --rso-batch-size rows "
+        "of its layer's input over the whole training set (held in memory: about 2.5 GB "
+        "for a 28x28x16 layer of 50,000 images)",
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p

@@ -195,7 +195,11 @@ class RSOSearch:
     ``fresh_batch="chunk"`` scores the ``chunk`` weights of one call on the next
     minibatch of a per-cycle shuffle of the training set (the loss is a
     :class:`optax_neuron.LayerStack`, RSO's incremental fast path);
-    ``"weight"`` gives every weight its own minibatch (``per_weight_batch``).
+    ``"weight"`` gives every weight its own ``batch`` rows (drawn with replacement
+    from its key) of its layer's input over the whole training set, computed once
+    per leaf (``LayerStack(..., batch=)`` with ``per_weight_batch``: the official
+    code's scheme; the layers before the searched one use the statistics of the
+    whole training set where the official code uses those of 2,000 images).
 
     Example:
       >>> search = RSOSearch(model, x_train, y_train, batch=256, cycles=5)  # doctest: +SKIP
@@ -247,16 +251,13 @@ class RSOSearch:
         self._step = jax.jit(self._chunk_step)
 
     def _chunk_step(self, params, opt_state, x_train, y_train, perm, call):
-        value_fn: Callable
         if self.fresh_batch == "chunk":  # the next minibatch of the cycle's shuffle
             idx = perm[(call * self.batch + jnp.arange(self.batch)) % self.n]
             value_fn = on.LayerStack(self.layers, _cross_entropy, x_train[idx], y_train[idx])
-        else:
-
-            def value_fn(p, key):
-                idx = jax.random.randint(key, (self.batch,), 0, self.n)
-                return on.LayerStack(self.layers, _cross_entropy, x_train[idx], y_train[idx])(p)
-
+        else:  # every weight: its own rows of its layer's input over the training set
+            value_fn = on.LayerStack(
+                self.layers, _cross_entropy, x_train, y_train, batch=self.batch
+            )
         updates, opt_state = self.tx.update(params, opt_state, params, value_fn=value_fn)
         return optax.apply_updates(params, updates), opt_state
 

@@ -111,16 +111,29 @@ def test_channelwise_declarations_keep_the_exact_decisions():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
-def test_weight_mode_runs_a_cycle_and_never_raises_the_loss_on_average():
+def test_weight_mode_runs_a_cycle_the_same_on_both_fast_paths():
+    """A fresh minibatch per weight from cached layer inputs: a whole cycle moves the
+    weights, and the incremental path takes the decisions of ``fast_path="cache"``."""
     x, y = _data(n=48)
-    search = RSOSearch(_paper(), x, y, batch=16, cycles=2, chunk=64, fresh_batch="weight")
-    params, state = search.cycle(search.params, search.state, 0, x, y)
+    out = []
+    for fast_path in ("cache", "incremental"):
+        search = RSOSearch(
+            _paper(), x, y, batch=16, cycles=2, chunk=64, fresh_batch="weight", fast_path=fast_path
+        )
+        assert search.tx is not None and search.calls > 1  # calls start inside leaves
+        out.append(search.cycle(search.params, search.state, 0, x, y))
+    (p_full, s_full), (params, state) = out
     assert int(state.rso_cursor) == 0 and int(state.rso_cycle) == 1
     assert np.isfinite(float(state.rso_loss))
     assert any(
         not np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(search.params), strict=True)
     )
+    assert {k: int(v) for k, v in state.rso_accepted.items()} == {
+        k: int(v) for k, v in s_full.rso_accepted.items()
+    }
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p_full), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_bad_fresh_batch():
