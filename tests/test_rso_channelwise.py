@@ -142,6 +142,38 @@ def test_incremental_between_two_adjacent_linear_layers():
             np.testing.assert_allclose(np.asarray(got), np.asarray(acts[j]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "kshape, padding", [((3, 3, 4, 5), "SAME"), ((2, 3, 4, 5), "SAME"), ((3, 2, 4, 5), "VALID")]
+)
+def test_add_input_channel_matches_a_numpy_loop(kshape, padding):
+    """``out + A(W[..., c:c+1, :], d)`` against the convolution sum written out in NumPy."""
+    kh, kw, cin, _ = kshape
+    w = np.asarray(jax.random.normal(jax.random.key(0), kshape))
+    x = np.asarray(jax.random.normal(jax.random.key(1), (2, 6, 7, 1)))
+    layer = conv_layer("c/kernel", padding=padding)
+    out = np.asarray(layer({"c": {"kernel": jnp.asarray(w)}}, jnp.zeros((2, 6, 7, cin))))
+    base = np.asarray(jax.random.normal(jax.random.key(2), out.shape))
+    (top, _), (left, _) = layer._pads(kshape)
+    c = 2
+    want = base.astype(np.float64).copy()
+    for n in range(2):
+        for yo in range(out.shape[1]):
+            for xo in range(out.shape[2]):
+                for a in range(kh):
+                    for b in range(kw):
+                        yi, xi = yo + a - top, xo + b - left
+                        if 0 <= yi < 6 and 0 <= xi < 7:
+                            want[n, yo, xo] += x[n, yi, xi, 0] * w[a, b, c].astype(np.float64)
+    got = layer.add_input_channel({"c": {"kernel": jnp.asarray(w)}}, jnp.asarray(base), x, c)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    dense = dense_layer("d/kernel")
+    wd = np.asarray(jax.random.normal(jax.random.key(3), (4, 5)))
+    got = dense.add_input_channel(
+        {"d": {"kernel": jnp.asarray(wd)}}, jnp.asarray(base[:, 0, 0]), x[:, 0, 0], c
+    )
+    np.testing.assert_allclose(np.asarray(got), base[:, 0, 0] + x[:, 0, 0] * wd[c], rtol=1e-6)
+
+
 def test_channelwise_search_matches_black_box():
     params, layers = _net()
     x, y = _data(n=16, seed=3)

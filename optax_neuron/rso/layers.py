@@ -252,11 +252,14 @@ class LinearLayer:
     def add_input_channel(self, params, out, d, channel):
         """``out + A(W[..., c:c+1, :], d)``: input channel ``c = channel`` changed by ``d``.
 
-        ``d`` has one channel (last axis of size 1). For a convolution the product is
-        written as a sum of ``kh * kw`` shifted outer products,
-        ``sum_{a,b} d_pad[:, y+a, x+b] * W[a, b, c, :]``, which XLA fuses into one
-        pass over ``out`` (a one-input-channel ``lax.conv`` is several times slower
-        on CPU); it equals the convolution up to the order of the float additions.
+        ``d`` has one channel (last axis of size 1). For a convolution the product
+        ``sum_{a,b} d_pad[:, y+a, x+b] * W[a, b, c, :]`` is one matrix product of the
+        ``kh * kw`` shifted copies of ``d_pad``, stacked as ``(N, H, W, kh * kw)``, with
+        ``W[:, :, c, :]`` as ``(kh * kw, C_out)``. On this CPU, batch 256, 16 output
+        channels, that is 2.4x faster at 14x14 than the same sum written as nine
+        broadcast products (which XLA fuses into one poorly vectorised pass) and 5x
+        faster than a one-input-channel ``lax.conv``; it equals the convolution up to
+        the order of the float additions.
         """
         w = leaf_at(params, self.kernel)
         w_c = jax.lax.dynamic_index_in_dim(w, channel, axis=w.ndim - 2, keepdims=False)
@@ -266,11 +269,9 @@ class LinearLayer:
         kh, kw = w.shape[:2]
         dp = jnp.pad(d[..., 0], ((0, 0), *self._pads(w.shape)))
         ho, wo = dp.shape[1] - kh + 1, dp.shape[2] - kw + 1
-        acc = out
-        for a in range(kh):
-            for b in range(kw):
-                acc = acc + (dp[:, a : a + ho, b : b + wo, None] * w_c[a, b]).astype(out.dtype)
-        return acc
+        taps = [dp[:, a : a + ho, b : b + wo] for a in range(kh) for b in range(kw)]
+        prod = jnp.stack(taps, -1) @ w_c.reshape(kh * kw, -1)
+        return out + prod.astype(out.dtype)
 
 
 def dense_layer(kernel: str) -> LinearLayer:
