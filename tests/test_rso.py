@@ -229,9 +229,13 @@ def test_loss_never_increases_and_few_weights_change():
     prev_params, prev_loss, prev_carried = params, float(loss(params)), np.inf
     changed_any = 0
     for p, s, u in hist:
-        # Exact on the values the search compared (one evaluation site for all of them) ...
-        assert float(s.rso_loss) <= prev_carried
-        # ... and, up to float32 rounding of a separately compiled loss, on a fresh evaluation.
+        # The carried loss never rises within a call (its values are the ones the search
+        # compared); each call re-scores the current parameters first, since its batch may be
+        # new, and that evaluation is compiled apart from the candidates' (measured: 1 ulp
+        # apart on an Intel Xeon with AVX-512, equal on an AMD EPYC), so across calls it may
+        # rise by float32 rounding only ...
+        assert float(s.rso_loss) <= prev_carried * (1 + 1e-6)
+        # ... and it equals a fresh evaluation up to the same rounding.
         now = float(loss(p))
         assert now <= prev_loss * (1 + 1e-6)
         np.testing.assert_allclose(float(s.rso_loss), now, rtol=1e-6)

@@ -17,7 +17,14 @@ What we assert, and why:
   largest reference value. The sharded gradient is a sum over devices (data-parallel) or a
   matmul split by columns (model-sharded) whose addition order XLA chooses; so is the
   neuron mean over a fan-in axis and RSO's sigma (a std). We measured at most 9.9e-7
-  relative over all runs, float32 (``REL_TOL`` = 1e-5 leaves a margin of 10).
+  relative over all runs, float32 (``REL_TOL`` = 1e-5 leaves a margin of 10), except for
+  the Adam *directions* (``scale_by_neuron_adam``, no learning rate): their elements are
+  about +-1 and the test applies them as they are, so every parameter moves by about 1 per
+  step and the summation-order noise of the first step reaches the later gradients
+  amplified. Those runs differ by up to 1.1e-5 (updates), 4.1e-6 (parameters) on an Intel
+  Xeon with AVX-512 (4.4e-6 on an AMD EPYC with AVX2); they get ``ADAM_DIRECTION_TOL`` =
+  1e-4. The Adam *optimizers* (with a learning rate) stay under 4e-7 and under ``REL_TOL``.
+  A sharding bug moves values by far more than either tolerance.
   Integer state (counters, RSO's acceptance counts) is bit-identical; RSO's updates and
   parameters are bit-identical (the same weights accepted).
 * shardings, as ``jit`` propagates them (no ``out_shardings``): updates are laid out like
@@ -46,8 +53,15 @@ CHECK = os.path.join(HERE, "_sharded_check.py")
 AXES = ("auto", "explicit")
 LAYOUTS = ("data", "model")
 REL_TOL = 1e-5
+ADAM_DIRECTION_TOL = 1e-4
 KEYS = [f"{a}/{layout}/{c.name}" for a in AXES for layout in LAYOUTS for c in CASES]
 KINDS = {c.name: c.kind for c in CASES}
+TOL = {
+    c.name: ADAM_DIRECTION_TOL
+    if c.kind == "direction" and "neuron_adam_nu" in c.param_fields
+    else REL_TOL
+    for c in CASES
+}
 
 
 def check_env(**extra) -> dict:
@@ -60,7 +74,8 @@ def check_env(**extra) -> dict:
 
 def assert_equal_to_one_device(r: dict, key: str) -> None:
     assert "error" not in r, r["error"]
-    assert r["u_rel"] <= REL_TOL and r["s_rel"] <= REL_TOL and r["p_rel"] <= REL_TOL, r
+    tol = TOL[key.rsplit("/", 1)[1]]
+    assert r["u_rel"] <= tol and r["s_rel"] <= tol and r["p_rel"] <= tol, r
     assert r["s_int_exact"], r
     if KINDS[key.rsplit("/", 1)[1]] == "rso":
         assert r["u_exact"] and r["p_exact"], r
