@@ -22,9 +22,10 @@ What we assert, and why:
   about +-1 and the test applies them as they are, so every parameter moves by about 1 per
   step and the summation-order noise of the first step reaches the later gradients
   amplified. Those runs differ by up to 1.1e-5 (updates), 4.1e-6 (parameters) on an Intel
-  Xeon with AVX-512 (4.4e-6 on an AMD EPYC with AVX2); they get ``ADAM_DIRECTION_TOL`` =
-  1e-4. The Adam *optimizers* (with a learning rate) stay under 4e-7 and under ``REL_TOL``.
-  A sharding bug moves values by far more than either tolerance.
+  Xeon with AVX-512 (under 1e-5 on the AMD EPYC with AVX2 where ``REL_TOL`` was set); they
+  get ``ADAM_DIRECTION_TOL`` = 1e-4. The Adam *optimizers* (with a learning rate) stay
+  under 4e-7 and under ``REL_TOL``. A sharding bug moves values by far more than either
+  tolerance.
   Integer state (counters, RSO's acceptance counts) is bit-identical; RSO's updates and
   parameters are bit-identical (the same weights accepted).
 * shardings, as ``jit`` propagates them (no ``out_shardings``): updates are laid out like
