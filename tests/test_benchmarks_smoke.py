@@ -96,6 +96,16 @@ def test_rso_quick(capsys):
     )
 
 
+def test_rso_conv_quick(capsys):
+    import bench_rso_conv
+
+    results = bench_rso_conv.main(["--quick"])
+    assert set(results) == {14, 7}
+    assert all(set(ms) == set(bench_rso_conv.FORMS) for ms in results.values())
+    assert all(math.isfinite(t) and t > 0 for ms in results.values() for t in ms.values())
+    assert len(_table_rows(capsys.readouterr().out, "14x14")) == 1
+
+
 def test_rso_peer_quick(capsys):
     import bench_rso_peer
 
