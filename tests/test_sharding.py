@@ -75,10 +75,11 @@ def check_env(**extra) -> dict:
 
 def assert_equal_to_one_device(r: dict, key: str) -> None:
     assert "error" not in r, r["error"]
-    tol = TOL[key.rsplit("/", 1)[1]]
+    case = key.rsplit("/", 1)[1]
+    tol = TOL[case]
     assert r["u_rel"] <= tol and r["s_rel"] <= tol and r["p_rel"] <= tol, r
     assert r["s_int_exact"], r
-    if KINDS[key.rsplit("/", 1)[1]] == "rso":
+    if KINDS[case] == "rso":
         assert r["u_exact"] and r["p_exact"], r
 
 
