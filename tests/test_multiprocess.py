@@ -6,7 +6,7 @@ with a coordinator on ``127.0.0.1`` at a free port (CPU collectives: gloo, the d
 the installed JAX). Every process gets a timeout, and when one fails the other is killed at
 once, so nothing waits for a peer that is gone.
 
-* The README's multi-host recipe (``tests/_multiprocess_worker.py`` runs it unchanged):
+* The scale-out guide's multi-host recipe (``tests/_multiprocess_worker.py`` runs it unchanged):
   data-parallel training with ``gradient_norms``, ``running_gradient_mean`` and
   ``neuron_mean_sgd``, each process putting its own slice of the batch with
   ``jax.make_array_from_process_local_data``, then ``rso`` on a batch sharded across the
@@ -102,7 +102,7 @@ def assert_all_ok(results: list[tuple]) -> None:
         assert rc == 0, f"process {i} exited with {rc}:\n{err[-4000:]}"
 
 
-# ------------------------------------------------------------------ the README recipe
+# ------------------------------------------------------------------ the guide's recipe
 def recipe_env(**extra) -> dict:
     """The environment without the recipe's variables from outside, then ``extra``."""
     env = check_env()
