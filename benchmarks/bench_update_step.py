@@ -1,4 +1,4 @@
-"""Issue 8.1 + 8.2: the cost of one optimizer step, and the bytes of its state.
+"""The cost of one optimizer step, and the bytes of its state.
 
 8.1 times ``update`` + ``optax.apply_updates`` (jitted, params and optimizer
 state donated, the same fixed gradients every step) for

@@ -1,4 +1,4 @@
-"""The public names of issue 15: renamed API, deprecated aliases, shared helpers, ``help()``.
+"""The public names: renamed API, deprecated aliases, shared helpers, ``help()``.
 
 Each old name must still work for one release, give the same result as the new
 one and say (``DeprecationWarning``) what to use instead. The shared helpers of

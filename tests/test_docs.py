@@ -1,4 +1,4 @@
-"""Statements a new user reads (issue 14): no insider words, a true Flax lower bound."""
+"""Statements a new user reads: no insider words, a true Flax lower bound."""
 
 from __future__ import annotations
 

@@ -527,7 +527,7 @@ def test_unmatched_leaf_names_path_in_one_line():
         fan_in_axes(params, FLAX_STRICT)
     message = str(err.value)
     assert "\n" not in message and "(2, 3)" in message
-    # The long preset is counted, not listed glob by glob (issue 14: "30 globs listed").
+    # The long preset is counted, not listed glob by glob (not "30 globs listed").
     assert f"none of the {len(FLAX_STRICT)} rules" in message and "'*/bias'" not in message
     assert "fan_in=None" in message  # says how to get the x @ W guess
     # A short rules list is listed.

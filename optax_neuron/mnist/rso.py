@@ -72,7 +72,7 @@ def rso_layers(model: nnx.Sequential) -> list[Callable]:
     statistics; activations and pooling pass through. BatchNorm, biases, ReLU and
     pooling are declared :func:`optax_neuron.channelwise`, so a candidate of a
     kernel is carried as one channel to the next linear layer (the incremental
-    path of issue 12).
+    path).
     """
     layers: list[Callable] = []
     for i, layer in enumerate(model.layers):

@@ -1,4 +1,4 @@
-"""The application's RSO recipe (issue 12): official leaf order, He step, anneal, fresh batches."""
+"""The application's RSO recipe: official leaf order, He step, anneal, fresh batches."""
 
 import jax
 import jax.numpy as jnp
