@@ -24,8 +24,8 @@ import importlib
 import inspect
 import os
 import pkgutil
-import shutil
 import sys
+import typing
 import urllib.request
 from pathlib import Path
 
@@ -77,6 +77,26 @@ autosummary_generate = True
 autosummary_ignore_module_all = False
 autodoc_typehints = "signature"
 autodoc_typehints_format = "short"
+# Type aliases stay names in signatures instead of their expansion (a FanIn is a union of five
+# forms, an optax.ScalarOrSchedule a union of arrays and callables).
+autodoc_type_aliases = {
+    name: name
+    for name in (
+        "FanIn",
+        "AxesTree",
+        "Axes",
+        "Rule",
+        "SigmaSpec",
+        "ArrayLike",
+        "jax.typing.ArrayLike",
+        "optax.ScalarOrSchedule",
+        "optax.Params",
+        "optax.Updates",
+        "optax.OptState",
+        "chex.ArrayTree",
+        "chex.Numeric",
+    )
+}
 autodoc_member_order = "bysource"
 autodoc_inherit_docstrings = False
 napoleon_google_docstring = True
@@ -195,21 +215,26 @@ ALL_DOCUMENTED: list[str] = []  # every full name documented
 def write_api_pages() -> None:
     """``api/index.md`` and one page per public module (see the module docstring)."""
     out = DOCS / "api"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
+    out.mkdir(exist_ok=True)
+    written = {out / "index.md"}
     documented: dict[int, str] = {}  # id(object) -> the full name it is documented under
     pages = []
     for modname in public_modules():
         module = importlib.import_module(modname)
         if hasattr(module, "__all__"):
             names = [n for n in module.__all__ if not n.startswith("__")]
-        else:  # a module without __all__: the public names it defines itself
+        else:  # a module without __all__: the public names it defines, and its type aliases
             names = [
                 n
                 for n, obj in vars(module).items()
                 if not n.startswith("_")
-                and (inspect.isclass(obj) or inspect.isfunction(obj))
-                and obj.__module__ == modname
+                and (
+                    (
+                        (inspect.isclass(obj) or inspect.isfunction(obj))
+                        and obj.__module__ == modname
+                    )
+                    or typing.get_origin(obj) is not None
+                )
             ]
         fresh, seen = [], []
         for name in names:
@@ -249,7 +274,8 @@ def write_api_pages() -> None:
             lines += ["Also exported here:", ""]
             lines += [f"- `{name}`: {{py:obj}}`{target}`" for name, target in seen]
             lines.append("")
-        (out / f"{modname}.md").write_text("\n".join(lines))
+        _write(out / f"{modname}.md", "\n".join(lines))
+        written.add(out / f"{modname}.md")
         pages.append(modname)
 
     ALL_DOCUMENTED.extend(documented.values())
@@ -291,16 +317,26 @@ def write_api_pages() -> None:
         "```",
         "",
     ]
-    (out / "index.md").write_text("\n".join(index))
+    _write(out / "index.md", "\n".join(index))
+    for stale in set(out.glob("*.md")) - written:  # a module that is gone
+        stale.unlink()
+
+
+def _write(path: Path, text: str) -> None:
+    """Write only what changed, so that a second build reads only the changed pages."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
 
 
 def copy_notebooks() -> None:
     """The executed notebooks of the repository, rendered with their stored outputs."""
     out = DOCS / "notebooks"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
-        shutil.copy2(notebook, out / notebook.name)
+    out.mkdir(exist_ok=True)
+    sources = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    for notebook in sources:
+        _write(out / notebook.name, notebook.read_text())
+    for stale in set(out.glob("*.ipynb")) - {out / n.name for n in sources}:
+        stale.unlink()
 
 
 write_api_pages()
