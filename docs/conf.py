@@ -203,9 +203,10 @@ def public_modules() -> list[str]:
     return sorted(names, key=key)
 
 
-def _first_line(obj: object) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+def _summary(obj: object) -> str:
+    """The first paragraph of a docstring, on one line (reST, complete markup)."""
+    doc = (inspect.getdoc(obj) or "").strip()
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 TOP_LEVEL: dict[str, str] = {}  # top-level name -> the full name it is documented under
@@ -247,7 +248,7 @@ def write_api_pages() -> None:
                 fresh.append(name)
                 documented.setdefault(id(obj), f"{modname}.{name}")
         lines = [
-            f"# `{modname}`",
+            f"# {modname}",
             "",
             "```{eval-rst}",
             f".. automodule:: {modname}",
@@ -285,10 +286,12 @@ def write_api_pages() -> None:
             continue
         obj = getattr(optax_neuron, name)
         if inspect.ismodule(obj):
-            top.append(f"| `optax_neuron.{name}` | module {{py:mod}}`{obj.__name__}` |")
+            top += [f"   * - :py:mod:`optax_neuron.{name} <{obj.__name__}>`", "     - module"]
         elif id(obj) in documented:
-            summary = _first_line(obj).replace("|", "\\|")
-            top.append(f"| `optax_neuron.{name}` | {{py:obj}}`{documented[id(obj)]}`: {summary} |")
+            top += [
+                f"   * - :py:obj:`optax_neuron.{name} <{documented[id(obj)]}>`",
+                f"     - {_summary(obj)}",
+            ]
             TOP_LEVEL[name] = documented[id(obj)]
         else:
             raise RuntimeError(
@@ -304,9 +307,15 @@ def write_api_pages() -> None:
         "",
         "## Top-level names",
         "",
-        "| name | documented as |",
-        "|---|---|",
+        "```{eval-rst}",
+        ".. list-table::",
+        "   :header-rows: 1",
+        "   :widths: 35 65",
+        "",
+        "   * - name",
+        "     - what it is (each links to its page in the module that defines it)",
         *top,
+        "```",
         "",
         "## Modules",
         "",
