@@ -1,4 +1,5 @@
-"""Statements a new user reads: no insider words, a true Flax lower bound."""
+"""Statements a new user reads: no insider words, no work-item numbers, a true Flax lower bound,
+a README that is a front page linking into the docs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP = {".venv", ".git", "outputs", "build", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
+SKIP = {".venv", ".git", "outputs", "build", "_build", ".pytest_cache", ".mypy_cache"}
+SKIP |= {".ruff_cache"}
+
+# A numbered work item ("issue 12", "(issue 5)", "issues 9, 17") means nothing to a reader;
+# history belongs in git.
+WORK_ITEM = re.compile(r"\bissues? ?#?[0-9]|\(issue\b", re.I)
 
 # "The seed" meant the original question (and its TensorFlow optimizer) or the U-Net trainer;
 # the CLI has a --seed flag, so the word is kept for random seeds only ("the seed 0" is fine).
@@ -18,7 +24,7 @@ def _texts():
     for path in sorted(ROOT.rglob("*")):
         if SKIP & set(path.relative_to(ROOT).parts) or not path.is_file():
             continue
-        if path.suffix in (".py", ".md", ".toml", ".ipynb"):
+        if path.suffix in (".py", ".md", ".toml", ".ipynb", ".rst", ".txt"):
             yield path, path.read_text(errors="replace")
 
 
@@ -51,3 +57,31 @@ def test_flax_lower_bound_has_the_api_the_code_uses():
     assert tuple(int(p) for p in bound.split(".")) >= (0, 11), bound
     params = list(inspect.signature(nnx.Optimizer.update).parameters)
     assert params[:3] == ["self", "model", "grads"], params
+
+
+def test_work_item_pattern():
+    for bad in ("(issue 12)", "Issue 8.3: the overhead", "issues 9, 17", "issue #4", "(issue"):
+        assert WORK_ITEM.search(bad), bad
+    for fine in ("an issue with NaN", "issued", "tissue 3"):
+        assert not WORK_ITEM.search(fine), fine
+
+
+def test_no_work_item_numbers_where_users_read():
+    """README, docs, CHANGELOG, benchmarks, docstrings, comments, CLI help, notebooks."""
+    found = [
+        f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
+        for path, text in _texts()
+        if path.name != "test_docs.py"
+        for m in WORK_ITEM.finditer(text)
+    ]
+    assert found == [], "say what it is, not which work item it came from:\n" + "\n".join(found)
+
+
+def test_readme_is_a_front_page_whose_links_resolve():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert "docs/getting_started.md" in local and "benchmarks/README.md" in local
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert missing == [], missing
