@@ -141,7 +141,8 @@ def _reshape_groups(
 class _Tracer:
     """Walks a jaxpr, following the parameters' views and recording where they meet data."""
 
-    def __init__(self) -> None:
+    def __init__(self, shapes: Sequence[tuple[int, ...]]) -> None:
+        self.shapes = shapes  # of the parameters, by index
         self.findings: dict[int, dict[tuple[int, ...], str]] = {}  # axes -> where found
         self.errors: dict[int, str] = {}  # a contraction the axes cannot be read from
         self.lost_uses: dict[int, str] = {}  # met the activations through an unknown op
@@ -171,6 +172,11 @@ class _Tracer:
             return
         inner = frozenset().union(*(view.dims[d] for d in contracted))
         kept = frozenset().union(*(s for d, s in enumerate(view.dims) if d not in set(contracted)))
+        # An axis of size 1 that no dimension carries any more (squeezed, or merged away
+        # by a reshape, as im2col does with a single input channel) changes no mean; it
+        # is counted as fan-in so that (3, 3, 1, c) kernels get (0, 1, 2) either way.
+        dropped = {a for a, n in enumerate(self.shapes[p]) if n == 1} - inner - kept
+        inner |= dropped
         if inner & kept:
             self.errors.setdefault(
                 p,
@@ -536,7 +542,7 @@ def from_computation(
     n = len(live)
     ins = [_Val(False, {k: _param_view(len(flat[i][1].shape))}) for k, i in enumerate(live)]
     ins += [_ACT] * (len(closed.jaxpr.invars) - n)
-    tracer = _Tracer()
+    tracer = _Tracer([tuple(flat[i][1].shape) for i in live])
     tracer.run(closed, ins)
 
     out: list[Any] = [None] * len(flat)

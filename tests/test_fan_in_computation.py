@@ -532,11 +532,26 @@ def test_a_tree_of_axes_with_other_paths_is_still_refused():
         fan_in_axes({"b": jnp.zeros((3, 4))}, {"a": {"w": (0,)}})
 
 
-def test_the_preset_and_the_computation_agree_on_the_application_vit():
-    from optax_neuron.mnist.models import vit
+@pytest.mark.parametrize("name", ["mlp", "cnn", "rso-paper", "vit"])
+def test_the_preset_and_the_computation_agree_on_the_application_models(name):
+    # cnn and rso-paper convolve by im2col (a reshaped kernel in a dot_general); their
+    # first kernel (3, 3, 1, c) loses its size-1 input axis in the reshape.
+    from optax_neuron.mnist.models import make_model
 
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: vit(nnx.Rngs(0))), nnx.Param)
-    traced = from_computation(
-        lambda p, x: nnx.merge(graphdef, p)(x), params, S((1, 28, 28, 1), F32)
-    )
-    assert by_path(traced) == by_path(fan_in_axes(params, FLAX))
+    model = nnx.eval_shape(lambda: make_model(name, nnx.Rngs(0)))
+    model.eval()  # BatchNorm reads its running statistics
+    graphdef, state = nnx.split(model)
+    traced = from_computation(lambda s, x: nnx.merge(graphdef, s)(x), state, S((1, 28, 28, 1), F32))
+    assert by_path(traced) == by_path(fan_in_axes(state, FLAX))
+
+
+def test_the_application_traces_vit_only():
+    from optax_neuron.mnist.models import make_model
+    from optax_neuron.mnist.train import TrainConfig, model_fan_in
+
+    model = nnx.eval_shape(lambda: make_model("vit", nnx.Rngs(0)))
+    axes = by_path(model_fan_in(TrainConfig(model="vit"), model))
+    assert axes["layers/1/attention/query/kernel"] == (0,)
+    assert axes["layers/1/attention/out/kernel"] == (0, 1)
+    assert axes["layers/0/embedding"] == ()
+    assert model_fan_in(TrainConfig(model="cnn"), model) is None
