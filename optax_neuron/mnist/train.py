@@ -47,7 +47,8 @@ GRADIENT_FLAGS = frozenset({"learning_rate", "schedule", "batch_size", "grad_sta
 class OptimizerChoice(NamedTuple):
     """One ``--optimizer`` choice: ``factory(learning_rate, momentum)``, defaults, flags."""
 
-    factory: Callable[[Any, float | None], optax.GradientTransformation] | None
+    # factory(learning_rate, momentum), and fan_in= for the neuron-wise choices
+    factory: Callable[..., optax.GradientTransformation] | None
     learning_rate: float | None = None
     momentum: float | None = None  # the default; None: no momentum (where "momentum" applies)
     flags: frozenset[str] = GRADIENT_FLAGS  # the config fields that apply to it
@@ -213,9 +214,9 @@ def model_fan_in(config: TrainConfig, model: nnx.Module) -> Any:
     """
     if config.model != "vit":
         return None
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
     image = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
-    return on.fan_in.from_computation(lambda p, x: nnx.merge(graphdef, p, rest)(x), params, image)
+    return on.fan_in.from_computation(lambda p, x: nnx.merge(graphdef, p, *rest)(x), params, image)
 
 
 def loss_fn(model: nnx.Module, images: jax.Array, labels: jax.Array):
