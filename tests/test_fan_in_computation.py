@@ -369,6 +369,22 @@ def test_what_stands_between_a_parameter_and_its_contraction():
     }
 
 
+def test_a_product_summed_at_once_is_a_contraction():
+    # sum(x * w) written out is x @ w; a product read by anything else is elementwise.
+    params = {"w": S((5, 3), F32), "head": S((3,), F32), "gate": S((3,), F32)}
+
+    def apply(p, x):  # x (n, 5)
+        h = jnp.sum(x[:, :, None] * p["w"], axis=1)  # (n, 3): over w's axis 0
+        h = jnp.tanh(h * p["gate"])  # elementwise: a gate per unit
+        return jnp.sum(h * p["head"], axis=-1)  # one output unit fed by 3
+
+    assert from_computation(apply, params, S((2, 5), F32)) == {
+        "w": (0,),
+        "gate": (),
+        "head": (0,),
+    }
+
+
 def test_cond_and_while():
     params = {"w": S((3, 4), F32), "u": S((4, 4), F32)}
 

@@ -209,7 +209,7 @@ def model_fan_in(config: TrainConfig, model: nnx.Module) -> Any:
 
     ``vit``'s attention kernels get theirs from the model's jaxpr
     (:func:`optax_neuron.fan_in.from_computation`: query/key/value ``(0,)``,
-    output ``(0, 1)``), traced once on an abstract image (about 0.1 s); the other
+    output ``(0, 1)``), traced once on an abstract image (under 0.15 s); the other
     models keep the default path rules (``None``).
     """
     if config.model != "vit":
