@@ -33,7 +33,13 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from jax.extend import core as jcore
+
+try:  # jax.extend.core names ClosedJaxpr and Literal in newer JAX; jax.core before
+    from jax.extend import core as jcore
+
+    jcore.ClosedJaxpr, jcore.Literal  # noqa: B018
+except (ImportError, AttributeError):  # pragma: no cover
+    from jax import core as jcore  # type: ignore[no-redef]
 
 from optax_neuron._tree import is_none, path_str
 from optax_neuron._validate import check_rule_list
