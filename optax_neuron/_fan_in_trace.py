@@ -168,7 +168,9 @@ class _Tracer:
                 continue
             for p, i in v.info.items():
                 if isinstance(i, _View):
-                    self._found(p, frozenset(), f"used elementwise with the inputs in {op}")
+                    self._found(
+                        p, frozenset(), f"used elementwise with the inputs in {op} (no fan-in axes)"
+                    )
                 else:
                     self.lost_uses.setdefault(p, i.why)
         return _ACT
@@ -354,7 +356,11 @@ class _Tracer:
         if any(v.act for v in indices):
             for p, i in table.info.items():
                 if isinstance(i, _View):
-                    self._found(p, frozenset(), f"read by a `{name}` at data-dependent indices")
+                    self._found(
+                        p,
+                        frozenset(),
+                        f"read by a `{name}` at data-dependent indices (no fan-in axes)",
+                    )
                 else:
                     self.lost_uses.setdefault(p, i.why)
             return _ACT
@@ -513,6 +519,9 @@ def from_computation(
     ``custom_jvp`` and ``custom_vjp`` calls, ``vmap`` (its batch axis is not
     contracted, hence not fan-in), ``cond``, ``while`` and ``scan`` (the stacked layer
     axis of a scanned stack is not fan-in).
+
+    A model that writes its own state while it runs (Flax ``BatchNorm`` in training mode)
+    is traced in evaluation mode (``model.eval()``), or with that state in ``params``.
 
     Leaves whose path matches one of ``rules`` take the rule's axes (rules first, the
     traced axes for the rest); this is the way out for a parameter the tracer refuses.
