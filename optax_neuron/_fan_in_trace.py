@@ -511,6 +511,8 @@ def from_computation(
       axes carried by the summed dimensions;
     * read by a ``gather`` at data-dependent indices (an embedding table), or
       combined element by element with the activations (a bias, a norm scale): ``()``.
+      (A table applied as a one-hot matrix product is a Dense layer to the tracer:
+      ``(0,)``, one neuron per embedding dimension fed by the whole vocabulary.)
 
     On the way there the parameter may pass through casts and other elementwise ops
     with parameters or constants (scaled kernels, weight normalisation ``g * v /

@@ -331,7 +331,9 @@ def fan_in_axes(params: Any, fan_in: FanIn = None) -> Any:
         ``x @ W`` guess for other paths); a rules list ``[(glob, axes), ...]``
         (e.g. :data:`TORCH`, :data:`FLAX_STRICT`); a tree with the structure of
         ``params`` whose leaves are axes (tuple, int, named constant or callable
-        of the shape; ``None`` where ``params`` has ``None``); or a callable
+        of the shape; ``None`` where ``params`` has ``None``; matched by key path
+        where it differs from ``params`` only in NNX ``Variable`` wrappers), such
+        as :func:`from_computation` returns; or a callable
         ``params -> rules or tree of axes``.
 
     Returns:
