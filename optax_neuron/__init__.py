@@ -12,6 +12,8 @@ Fan-in axes (module :mod:`optax_neuron.fan_in`)
   then the ``x @ W`` guess for plain pytrees), a rules list such as
   ``fan_in.TORCH`` (out-first layouts) or ``fan_in.FLAX_STRICT``, a tree of
   axes, or a callable.
+  ``fan_in.from_computation(apply, params, example_x)`` reads the axes from
+  the model's computation (its jaxpr) instead of its parameter paths.
 
 Neuron-mean momentum (module :mod:`optax_neuron.neuron_mean`)
   ``neuron_mean_trace(decay)`` and ``neuron_mean_sgd(learning_rate, momentum)``:

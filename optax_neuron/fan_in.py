@@ -50,6 +50,12 @@ fan-in axes. That guess is wrong for
 :data:`FLAX_STRICT` has the named rules without the guess: a leaf no rule
 matches raises a ``ValueError`` naming its path.
 
+The model's computation knows what path and rank cannot tell:
+:func:`from_computation` reads every parameter's fan-in axes from the jaxpr of
+the model's apply function (where a kernel meets the activations in a
+``dot_general`` or a convolution), so ``LinearGeneral``, attention and
+out-first layouts need no rule.
+
 Every transformation of the library takes ``fan_in=`` (a :data:`FanIn`) and
 hands it to :func:`fan_in_axes`, which accepts ``None`` (the default preset), a
 rules list, a tree of axes, or a callable ``params -> tree of axes``.
@@ -65,6 +71,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from optax_neuron._fan_in_trace import from_computation
 from optax_neuron._tree import is_none, path_str
 from optax_neuron._validate import is_rule_list
 
@@ -83,6 +90,7 @@ __all__ = [
     "fan_in_axes",
     "fan_in_size",
     "first_match",
+    "from_computation",
     "neuron_shape",
     "path_str",
 ]
@@ -323,7 +331,9 @@ def fan_in_axes(params: Any, fan_in: FanIn = None) -> Any:
         ``x @ W`` guess for other paths); a rules list ``[(glob, axes), ...]``
         (e.g. :data:`TORCH`, :data:`FLAX_STRICT`); a tree with the structure of
         ``params`` whose leaves are axes (tuple, int, named constant or callable
-        of the shape; ``None`` where ``params`` has ``None``); or a callable
+        of the shape; ``None`` where ``params`` has ``None``; matched by key path
+        where it differs from ``params`` only in NNX ``Variable`` wrappers), such
+        as :func:`from_computation` returns; or a callable
         ``params -> rules or tree of axes``.
 
     Returns:
@@ -368,12 +378,19 @@ def _is_axes_leaf(x: Any) -> bool:
 
 def _axes_from_tree(spec_tree: Any, tree: Any) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)
+    reason = ""
     try:
         # Flatten the specs *up to* the parameters' structure, so that tuple
         # containers (Equinox MLP layers, tuple params) and callable pytree
         # nodes (Equinox modules) are walked into rather than taken as specs.
         specs = treedef.flatten_up_to(spec_tree)  # type: ignore[attr-defined]  # not in the stub
     except (ValueError, TypeError) as err:
+        specs = _specs_by_path(spec_tree, [p for p, _ in leaves])
+        reason = str(err)
+    else:
+        if not all(_is_spec(s) for s in specs):  # wrapped axes (NNX Variables): by path
+            specs = _specs_by_path(spec_tree, [p for p, _ in leaves]) or specs
+    if specs is None:
         tree_paths = [path_str(p) for p, _ in leaves]
         spec_leaves = jax.tree_util.tree_flatten_with_path(spec_tree, is_leaf=_is_axes_leaf)[0]
         spec_paths = [path_str(p) for p, _ in spec_leaves]
@@ -382,7 +399,7 @@ def _axes_from_tree(spec_tree: Any, tree: Any) -> Any:
         raise ValueError(
             "the fan_in tree does not match the structure of the parameters: "
             f"parameters without axes: {missing[:5]}, axes without parameters: {extra[:5]} "
-            f"({err})"
+            f"({reason})"
         ) from None
     out: list[tuple[int, ...] | None] = []
     for (key_path, leaf), spec in zip(leaves, specs, strict=True):
@@ -394,8 +411,7 @@ def _axes_from_tree(spec_tree: Any, tree: Any) -> Any:
                 )
             out.append(None)
             continue
-        is_int_list = isinstance(spec, list) and all(isinstance(a, int) for a in spec)
-        if not (_is_axes_leaf(spec) or is_int_list):
+        if not _is_spec(spec):
             raise ValueError(
                 f"the fan_in tree does not match the structure of the parameters: it has "
                 f"{spec!r} for parameter {p!r}, expected axes (int, tuple of ints, named "
@@ -404,6 +420,35 @@ def _axes_from_tree(spec_tree: Any, tree: Any) -> Any:
         shape = _shape(leaf, p)
         out.append(_normalise(_axes_of(spec, shape), shape, p))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _is_spec(spec: Any) -> bool:
+    """An axes leaf, or a list of ints."""
+    return _is_axes_leaf(spec) or (isinstance(spec, list) and all(isinstance(a, int) for a in spec))
+
+
+def _specs_by_path(spec_tree: Any, key_paths: list[Any]) -> list[Any] | None:
+    """The specs of ``spec_tree`` for ``key_paths``, matched by key path, or ``None``.
+
+    A tree of axes and the parameters may differ in a ``Variable`` wrapper around
+    each leaf: ``nnx.Optimizer`` hands ``init`` the parameters inside ``Variable``
+    wrappers and ``update`` plain arrays, while :func:`from_computation` returns a
+    tree shaped like the parameters it was given. Key paths are compared with a
+    trailing ``value`` attribute dropped; every path must be found, once.
+    """
+
+    def key(path: Any) -> tuple[Any, ...]:
+        keys = tuple(path)
+        last = keys[-1] if keys else None
+        unwrapped = isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value"
+        return keys[:-1] if unwrapped else keys
+
+    flat = jax.tree_util.tree_flatten_with_path(spec_tree, is_leaf=_is_axes_leaf)[0]
+    by_key = {key(p): spec for p, spec in flat}
+    wanted = [key(p) for p in key_paths]
+    if len(by_key) != len(flat) or set(by_key) != set(wanted) or len(wanted) != len(flat):
+        return None
+    return [by_key[k] for k in wanted]
 
 
 def neuron_shape(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:

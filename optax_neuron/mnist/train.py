@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -37,7 +38,7 @@ from optax_neuron.mnist.loop import evaluate, evaluate_splits, run_epochs, run_s
 from optax_neuron.mnist.models import make_model
 
 __all__ = ["DEFAULTS", "OPTIMIZERS", "OptimizerChoice", "TrainConfig", "check_config"]
-__all__ += ["evaluate", "loss_fn", "make_optimizer", "make_train_epoch", "run"]
+__all__ += ["evaluate", "loss_fn", "make_optimizer", "make_train_epoch", "model_fan_in", "run"]
 
 GRADIENT_FLAGS = frozenset({"learning_rate", "schedule", "batch_size", "grad_stats", "devices"})
 """Config fields (CLI flags) of every gradient optimizer."""
@@ -46,7 +47,8 @@ GRADIENT_FLAGS = frozenset({"learning_rate", "schedule", "batch_size", "grad_sta
 class OptimizerChoice(NamedTuple):
     """One ``--optimizer`` choice: ``factory(learning_rate, momentum)``, defaults, flags."""
 
-    factory: Callable[[Any, float | None], optax.GradientTransformation] | None
+    # factory(learning_rate, momentum), and fan_in= for the neuron-wise choices
+    factory: Callable[..., optax.GradientTransformation] | None
     learning_rate: float | None = None
     momentum: float | None = None  # the default; None: no momentum (where "momentum" applies)
     flags: frozenset[str] = GRADIENT_FLAGS  # the config fields that apply to it
@@ -55,7 +57,10 @@ class OptimizerChoice(NamedTuple):
 _WITH_MOMENTUM = GRADIENT_FLAGS | {"momentum"}
 OPTIMIZERS: dict[str, OptimizerChoice] = {
     "neuron-mean-sgd": OptimizerChoice(
-        lambda lr, mu: on.neuron_mean_sgd(lr, momentum=mu or 0.0), 0.1, 0.9, _WITH_MOMENTUM
+        lambda lr, mu, fan_in=None: on.neuron_mean_sgd(lr, momentum=mu or 0.0, fan_in=fan_in),
+        0.1,
+        0.9,
+        _WITH_MOMENTUM,
     ),
     "sgd": OptimizerChoice(lambda lr, mu: optax.sgd(lr, momentum=mu), 0.1, None, _WITH_MOMENTUM),
     "momentum": OptimizerChoice(lambda lr, mu: optax.sgd(lr, mu), 0.02, 0.9, _WITH_MOMENTUM),
@@ -71,9 +76,11 @@ OPTIMIZERS: dict[str, OptimizerChoice] = {
     "rso": OptimizerChoice(
         None, flags=frozenset({"rso_batch_size", "rso_fresh_batch"})
     ),  # no gradients: rso.py
-    "neuron-adam": OptimizerChoice(lambda lr, _: on.neuron_adam(lr), 1e-3),
+    "neuron-adam": OptimizerChoice(
+        lambda lr, _, fan_in=None: on.neuron_adam(lr, fan_in=fan_in), 1e-3
+    ),
     "neuron-adam-neuron": OptimizerChoice(
-        lambda lr, _: on.neuron_adam(lr, first_moment="neuron"), 1e-3
+        lambda lr, _, fan_in=None: on.neuron_adam(lr, first_moment="neuron", fan_in=fan_in), 1e-3
     ),
     "adamw": OptimizerChoice(lambda lr, _: optax.adamw(lr), 1e-3),
     "adafactor": OptimizerChoice(lambda lr, _: optax.adafactor(lr), 1e-2),
@@ -110,6 +117,7 @@ def make_optimizer(
     schedule: str = "constant",
     total_steps: int | None = None,
     grad_stats: bool = False,
+    fan_in: Any = None,
 ) -> optax.GradientTransformation:
     """The Optax transformation behind an ``--optimizer`` name (not ``rso``).
 
@@ -122,6 +130,8 @@ def make_optimizer(
       grad_stats: put :func:`optax_neuron.gradient_norms` and
         :func:`optax_neuron.running_gradient_mean` (EMA, decay 0.99) in front,
         so :func:`optax_neuron.collect_metrics` can read per-layer norms.
+      fan_in: fan-in axes for the choices whose factory takes ``fan_in`` (the
+        neuron-wise optimizers); ``None``: the library's default preset.
 
     Example:
       >>> tx = make_optimizer("neuron-mean-sgd")
@@ -138,7 +148,8 @@ def make_optimizer(
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if choice.factory is None:  # not reached: check_hyperparameters refuses it
         raise ValueError(f"{name} has no gradient transformation")
-    tx = choice.factory(lr, mu)
+    takes_fan_in = "fan_in" in inspect.signature(choice.factory).parameters
+    tx = choice.factory(lr, mu, fan_in=fan_in) if takes_fan_in else choice.factory(lr, mu)
     if grad_stats:
         monitors = (on.gradient_norms(per_neuron=False), on.running_gradient_mean(decay=0.99))
         tx = optax.chain(*monitors, tx)
@@ -191,6 +202,21 @@ def build_model(config: TrainConfig) -> nnx.Module:
     key = "channels" if config.model == "rso-paper" else "hidden"
     kwargs = {} if config.hidden is None else {key: config.hidden}
     return make_model(config.model, nnx.Rngs(config.seed), **kwargs)
+
+
+def model_fan_in(config: TrainConfig, model: nnx.Module) -> Any:
+    """The fan-in axes the optimizer gets: read from the computation for ``vit``.
+
+    ``vit``'s attention kernels get theirs from the model's jaxpr
+    (:func:`optax_neuron.fan_in.from_computation`: query/key/value ``(0,)``,
+    output ``(0, 1)``), traced once on an abstract image (under 0.15 s); the other
+    models keep the default path rules (``None``).
+    """
+    if config.model != "vit":
+        return None
+    graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
+    image = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+    return on.fan_in.from_computation(lambda p, x: nnx.merge(graphdef, p, *rest)(x), params, image)
 
 
 def loss_fn(model: nnx.Module, images: jax.Array, labels: jax.Array):
@@ -266,7 +292,7 @@ def run(config: TrainConfig, data: Dataset, *, writer=None, progress=True, log=N
     total_steps = max(1, config.epochs * (n // batch_size))
     tx = make_optimizer(
         config.optimizer, config.learning_rate, config.momentum, schedule=config.schedule,
-        total_steps=total_steps, grad_stats=grad_stats,
+        total_steps=total_steps, grad_stats=grad_stats, fan_in=model_fan_in(config, model),
     )  # fmt: skip
     graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
     batch_sharding = None
