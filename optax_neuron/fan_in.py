@@ -111,10 +111,7 @@ ALL_BUT_FIRST = NamedAxes("ALL_BUT_FIRST", lambda ndim: tuple(range(1, ndim)))
 """Every axis but the first: out-first layouts (PyTorch, Equinox weights)."""
 
 NO_AXES = NamedAxes("NO_AXES", lambda ndim: ())
-"""No fan-in axes: every element is its own neuron (biases, norms, embeddings).
-
-(Called ``NONE`` before 0.2.0; that name still works, with a ``DeprecationWarning``.)
-"""
+"""No fan-in axes: every element is its own neuron (biases, norms, embeddings)."""
 
 Axes = int | Sequence[int] | NamedAxes | Callable[[tuple[int, ...]], Sequence[int]]
 """The fan-in axes of one leaf: ints, a named constant or a callable of the shape."""

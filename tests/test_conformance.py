@@ -1,4 +1,4 @@
-"""Conformance suite: every public transformation in every Optax setting (issue 9).
+"""Conformance suite: every public transformation in every Optax setting.
 
 ``CASES`` below is THE registry: one line per public transformation (and per
 mode that changes behaviour). A new transformation joins every test here, the

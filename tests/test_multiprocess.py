@@ -1,4 +1,4 @@
-"""Two JAX processes on one machine, one 4-device mesh across them (issue 17).
+"""Two JAX processes on one machine, one 4-device mesh across them.
 
 Each test starts two Python processes, each with two CPU devices
 (``--xla_force_host_platform_device_count=2``), joined by ``jax.distributed.initialize``

@@ -106,7 +106,7 @@ def test_a_raising_cell_fails_the_run(tmp_path):
         execute(path, timeout=60)
 
 
-# ----------------------------------------------------------------- plot helpers (issue 14, 8)
+# ----------------------------------------------------------------- plot helpers
 
 
 def test_cell_grid_shows_every_element_of_a_conv_window():

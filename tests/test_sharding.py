@@ -1,4 +1,4 @@
-"""Scale-out on one host: every piece on Auto and Explicit 4-device meshes (issues 9, 17).
+"""Scale-out on one host: every piece on Auto and Explicit 4-device meshes.
 
 The runs happen in ONE subprocess with four simulated CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=4``; this process already has its
