@@ -16,8 +16,8 @@ it applies to, so "does ``--momentum`` apply to adam?" has one answer, here.
 Example:
   >>> config = TrainConfig(optimizer="rso", epochs=2)
   >>> check_config(config)
-  >>> sorted(applied(config))[:4]
-  ['dataset', 'epochs', 'hidden', 'limit_train']
+  >>> [k for k in applied(config) if k.startswith("rso_")]
+  ['rso_batch_size', 'rso_fresh_batch', 'rso_weight_decay', 'rso_chunk']
   >>> "batch_size" in applied(config), "rso_weight_decay" in applied(config)
   (False, True)
 """
