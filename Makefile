@@ -39,7 +39,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -n 2 --durations=15 --doctest-modules tests optax_neuron
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 --doctest-modules tests optax_neuron
 
 bench: setup
 	$(PY) benchmarks/run_all.py
