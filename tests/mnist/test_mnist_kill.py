@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,11 +81,11 @@ def straight(tmp_path_factory):
     """One uninterrupted run: its history and final checkpoint."""
     root = tmp_path_factory.mktemp("straight")
     _finish(_start(root / "ckpt", root / "out"))
-    return _history(root / "out"), _final_state(root / "ckpt")
+    return _history(root / "out"), _final_state(root / "ckpt"), root / "ckpt"
 
 
 def _assert_same_as_straight(straight, checkpoint: Path, out: Path) -> None:
-    history, state = straight
+    history, state, _ = straight
     assert _history(out) == history
     got = _final_state(checkpoint)
     assert len(got) == len(state) > 0
@@ -137,7 +138,7 @@ def test_ctrl_c_and_sigterm_say_where_to_resume(sig, code, how, tmp_path, straig
 
 def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumed(tmp_path, straight):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    _finish(_start(ckpt, out))
+    shutil.copytree(straight[2], ckpt)  # the finished run's checkpoints (epochs 1 and 2)
     record = ckpt / "epoch-2.json"
     text = record.read_text()
     record.write_text(text[: len(text) // 2])  # truncated, as by a full disk
