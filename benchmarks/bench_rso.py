@@ -23,7 +23,7 @@ function). The plain loop and the application at batch 256 run interleaved in
 one process, ``--repeats`` times; the medians are printed.
 
     python benchmarks/bench_rso.py                  # full run (the plain loop is long)
-    python benchmarks/bench_rso.py --quick  # smoke run: 2 channels, batch 32, chunk mode only
+    python benchmarks/bench_rso.py --quick  # smoke run: 1 channel, batch 32, chunk mode only
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def _mnist(limit: int | None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--quick", action="store_true", help="smoke run: 2 channels, batch 32, 2000 images"
+        "--quick", action="store_true", help="smoke run: 1 channel, batch 32, 512 images"
     )
     ap.add_argument(
         "--repeats", type=int, default=1, help="interleaved rounds of plain loop + app at batch 256"
@@ -245,7 +245,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
-    channels, limit = (2, 2000) if args.quick else (16, None)
+    channels, limit = (1, 512) if args.quick else (16, None)
     batches = [32] if args.quick else [int(b) for b in args.batches.split(",") if b]
     weight_batches = [] if args.quick else [int(b) for b in args.weight_batches.split(",") if b]
     if not batches:

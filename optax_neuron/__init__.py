@@ -56,9 +56,6 @@ The MNIST application (``python -m optax_neuron.mnist``) is the subpackage
 :mod:`optax_neuron.mnist` (extra ``[mnist]``).
 """
 
-import warnings
-from typing import Any
-
 # Fan-in axes.
 from optax_neuron import fan_in
 from optax_neuron.fan_in import fan_in_axes
@@ -127,51 +124,3 @@ __all__ = [
     "rso",
     "rso_init",
 ]
-
-# Old top-level names, kept for one release: name -> (module, attribute, what to use now).
-_DEPRECATED = {
-    "metrics": ("grad_stats", "collect_metrics", "optax_neuron.collect_metrics"),
-    "resolve_fan_in": (
-        "fan_in",
-        "fan_in_axes",
-        "optax_neuron.fan_in_axes(tree, fan_in) (tree first)",
-    ),
-    "NeuronMeanTraceState": (
-        "neuron_mean",
-        "NeuronMeanTraceState",
-        "optax_neuron.neuron_mean.NeuronMeanTraceState",
-    ),
-    "RunningGradientMeanState": (
-        "grad_stats",
-        "RunningGradientMeanState",
-        "optax_neuron.grad_stats.RunningGradientMeanState",
-    ),
-    "GradientNormsState": (
-        "grad_stats",
-        "GradientNormsState",
-        "optax_neuron.grad_stats.GradientNormsState",
-    ),
-}
-
-
-def __getattr__(name: str) -> Any:
-    """Old names, kept for one release with a ``DeprecationWarning``.
-
-    ``metrics`` -> ``collect_metrics``; ``resolve_fan_in(fan_in, tree)`` ->
-    ``fan_in_axes(tree, fan_in)``; the state classes -> their modules
-    (``optax_neuron.neuron_mean.NeuronMeanTraceState``, ...).
-    """
-    if name not in _DEPRECATED:
-        raise AttributeError(f"module 'optax_neuron' has no attribute {name!r}")
-    module, attribute, use = _DEPRECATED[name]
-    warnings.warn(f"optax_neuron.{name} is deprecated; use {use}", DeprecationWarning, stacklevel=2)
-    if name == "resolve_fan_in":
-        return _resolve_fan_in
-    import importlib
-
-    return getattr(importlib.import_module(f"optax_neuron.{module}"), attribute)
-
-
-def _resolve_fan_in(fan_in: Any, tree: Any) -> Any:
-    """Deprecated: ``fan_in_axes(tree, fan_in)`` with the old argument order."""
-    return fan_in_axes(tree, fan_in)

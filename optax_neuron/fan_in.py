@@ -40,9 +40,10 @@ fan-in axes. That guess is wrong for
 
 * weights stored out-first, ``(out, in, ...)`` (PyTorch, Equinox, ``x @ W.T``):
   it would average over the *outgoing* connections. The default preset refuses
-  a rank >= 2 leaf whose path ends in ``weight`` (the PyTorch/Equinox name) and
-  asks for :data:`TORCH` or a rule; under any other name the layout cannot be
-  told, so give such trees rules, e.g. ``fan_in=[("*", ALL_BUT_FIRST)]``;
+  a rank >= 2 leaf whose path ends in ``weight`` (the PyTorch/Equinox name, nested
+  or dotted as in a state dict: ``fc.weight``) and asks for :data:`TORCH` or a
+  rule; under any other name the layout cannot be told, so give such trees
+  rules, e.g. ``fan_in=[("*", ALL_BUT_FIRST)]``;
 * several output axes, ``(in, out1, out2)`` (``LinearGeneral``, attention
   kernels under names the preset does not know): the fan-in is axis 0 only;
 * kernels whose input axis is not next-to-last, e.g. ``(in, h, w, out)``.
@@ -65,7 +66,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -119,10 +119,7 @@ ALL_BUT_FIRST = NamedAxes("ALL_BUT_FIRST", lambda ndim: tuple(range(1, ndim)))
 """Every axis but the first: out-first layouts (PyTorch, Equinox weights)."""
 
 NO_AXES = NamedAxes("NO_AXES", lambda ndim: ())
-"""No fan-in axes: every element is its own neuron (biases, norms, embeddings).
-
-(Called ``NONE`` before 0.2.0; that name still works, with a ``DeprecationWarning``.)
-"""
+"""No fan-in axes: every element is its own neuron (biases, norms, embeddings)."""
 
 Axes = int | Sequence[int] | NamedAxes | Callable[[tuple[int, ...]], Sequence[int]]
 """The fan-in axes of one leaf: ints, a named constant or a callable of the shape."""
@@ -156,7 +153,7 @@ def _by_rank(
 # which is ALL_BUT_LAST already.
 _ATTN_IN = _by_rank({3: (0,)}, ALL_BUT_LAST)
 
-# The default preset refuses a rank >= 2 leaf named `weight`: that is the PyTorch /
+# The default preset refuses a rank >= 2 leaf named `...weight`: that is the PyTorch /
 # Equinox name of an out-first (out, in, ...) weight, for which the `x @ W` guess
 # would average the outgoing connections. Rank <= 1 (norm scales) gets no axes.
 _OUT_FIRST_GUARD = NamedAxes("REFUSE_OUT_FIRST", lambda ndim: ())
@@ -196,14 +193,17 @@ FLAX_STRICT: tuple[Rule, ...] = (
 
 FLAX: tuple[Rule, ...] = (
     *FLAX_STRICT,
-    *_named("weight", _OUT_FIRST_GUARD),
+    # `weight` nested (Equinox, `{"fc": {"weight": ...}}`) or dotted as in a PyTorch
+    # state dict (`fc.weight`, `layer1.0.conv1.weight`): any last path part ending in it.
+    ("*weight", _OUT_FIRST_GUARD),
     # Plain pytrees, by the `x @ W` convention: rank >= 2 every axis but the
     # last, rank <= 1 none (ALL_BUT_LAST gives () for those).
     ("*", ALL_BUT_LAST),
 )
 """Default rules: :data:`FLAX_STRICT`, then the ``x @ W`` guess for any other path.
 
-A rank >= 2 leaf named ``weight`` is refused (out-first layouts need :data:`TORCH`).
+A rank >= 2 leaf whose last path part ends in ``weight`` (``fc/weight``, or a state
+dict's dotted ``fc.weight``) is refused: out-first layouts need :data:`TORCH`.
 """
 
 TORCH: tuple[Rule, ...] = (
@@ -469,32 +469,3 @@ def fan_in_size(shape: Sequence[int], axes: Sequence[int]) -> int:
       18
     """
     return math.prod(shape[a] for a in axes)
-
-
-# ----------------------------------------------------------------- deprecated names (0.2.0)
-
-
-def resolve_fan_in(fan_in: FanIn, tree: Any) -> Any:
-    """Deprecated since 0.2.0: use ``fan_in_axes(tree, fan_in)`` (arguments swapped)."""
-    warnings.warn(
-        "optax_neuron.resolve_fan_in(fan_in, tree) is deprecated; use "
-        "optax_neuron.fan_in_axes(tree, fan_in) (tree first, like every other function)",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return fan_in_axes(tree, fan_in)
-
-
-_DEPRECATED = {"NONE": ("NO_AXES", NO_AXES)}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _DEPRECATED:
-        new_name, value = _DEPRECATED[name]
-        warnings.warn(
-            f"optax_neuron.fan_in.{name} is deprecated; use optax_neuron.fan_in.{new_name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

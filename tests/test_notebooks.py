@@ -44,6 +44,15 @@ def test_every_notebook_is_a_jupytext_pair():
         assert "format_name: percent" in text and "\n# %%" in text, f"{name}: not py:percent"
 
 
+def test_the_readme_lists_every_notebook():
+    readme = (NOTEBOOKS.parent / "README.md").read_text()
+    table = readme[readme.index("## Notebooks") :]
+    table = table[: table.index("\n## ")]
+    for name in SOURCES:
+        stem = Path(name).stem
+        assert f"[`{stem}`](notebooks/{stem}.ipynb)" in table, f"README's notebook table: {stem}"
+
+
 @pytest.mark.parametrize("name", SOURCES)
 def test_pair_has_the_same_cells(name):
     source = read(NOTEBOOKS / name)
