@@ -282,8 +282,6 @@ def test_recipe_bad_input():
         rso(weight_decay=-0.1)
     with pytest.raises(ValueError, match="weight_decay"):
         rso(weight_decay=float("nan"))
-    with pytest.raises(ValueError, match="speculate"):
-        rso(weight_decay=1e-4, speculate=4)
     with pytest.raises(ValueError, match="sigma"):
         rso(sigma="xavier")
     with pytest.raises(ValueError, match=r"d/kernel.*'he'"):

@@ -41,9 +41,9 @@ Modules:
   PRNG scheme is documented there);
 * :mod:`~optax_neuron.rso.evaluators`: black box, cached layer stack, incremental,
   fresh rows per weight (sampled);
-* :mod:`~optax_neuron.rso.search`: the sequential and speculative loops;
+* :mod:`~optax_neuron.rso.search`: the search loop (one body, named carries);
 * :mod:`~optax_neuron.rso.layers`: ``LayerStack``, ``LinearLayer``, ``dense_layer``,
-  ``conv_layer``, ``channelwise``;
+  ``conv_layer``, ``conv_padding``, ``channelwise``;
 * :mod:`~optax_neuron.rso.transform`: ``rso``, ``RSOState``, ``rso_init``.
 
 Sharding: leaves sharded over Explicit mesh axes (the default of ``jax.make_mesh``) are
@@ -57,6 +57,7 @@ from optax_neuron.rso.layers import (
     LinearLayer,
     channelwise,
     conv_layer,
+    conv_padding,
     dense_layer,
 )
 from optax_neuron.rso.transform import RSOState, rso, rso_init
@@ -68,6 +69,7 @@ __all__ = [
     "RSOState",
     "channelwise",
     "conv_layer",
+    "conv_padding",
     "dense_layer",
     "rso",
     "rso_init",
