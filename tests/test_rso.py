@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _rso_nets import batch_norm, conv, small_cnn_params
 
 from optax_neuron import LayerStack, RSOState, conv_layer, dense_layer, rso, rso_init
 
@@ -328,33 +329,14 @@ def test_one_compilation_across_calls():
 # ------------------------------------------------------------ layer-stacked fast path
 
 
-def _bn(p, h):
-    mean = h.mean(axis=(0, 1, 2))
-    var = h.var(axis=(0, 1, 2))
-    return (h - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
-
-
-def _conv(p, h):
-    return jax.lax.conv_general_dilated(
-        h, p["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-
-
 def _small_cnn():
-    ch = 4
-    params = {
-        "conv0": {"kernel": jnp.zeros((3, 3, 1, ch))},
-        "bn0": {"scale": jnp.ones(ch), "bias": jnp.zeros(ch)},
-        "conv1": {"kernel": jnp.zeros((3, 3, ch, ch))},
-        "bn1": {"scale": jnp.ones(ch), "bias": jnp.zeros(ch)},
-        "head": {"kernel": jnp.zeros((ch, 3)), "bias": jnp.zeros(3)},
-    }
-    params = rso_init(jax.random.key(0), params)
+    """The small net (4 channels, a head bias) as plain layers: the norms run from the cache."""
+    params = small_cnn_params(jax.random.key(0), ch=4, classes=3, head_bias=True)
     layers = [
-        lambda p, h: _conv(p["conv0"], h),
-        lambda p, h: jax.nn.relu(_bn(p["bn0"], h)),
-        lambda p, h: _conv(p["conv1"], h),
-        lambda p, h: jax.nn.relu(_bn(p["bn1"], h)).mean(axis=(1, 2)),
+        lambda p, h: conv(h, p["conv0"]["kernel"]),
+        lambda p, h: jax.nn.relu(batch_norm(h, p["bn0"]["scale"], p["bn0"]["bias"])),
+        lambda p, h: conv(h, p["conv1"]["kernel"]),
+        lambda p, h: jax.nn.relu(batch_norm(h, p["bn1"]["scale"], p["bn1"]["bias"])).mean((1, 2)),
         lambda p, h: h @ p["head"]["kernel"] + p["head"]["bias"],
     ]
     return params, layers
@@ -504,6 +486,25 @@ def test_default_search_and_order_rules():
     assert int(s.rso_accepted["conv1/kernel"]) > 0 and int(s.rso_accepted["conv0/kernel"]) == 0
     assert int(s.rso_cursor) == 144
     del value_fn
+
+
+def test_default_search_is_the_fan_in_default_plus_norms():
+    # a plain pytree: the x @ W matrix W1 has fan-in axes (axis 0) under the default preset
+    params = rso_init(jax.random.key(0), {"W1": jnp.zeros((4, 3)), "b1": jnp.zeros(3)})
+    tx = rso(sigma=0.1, weights_per_step=12)
+    state = tx.init(params)
+    assert set(state.rso_sigma) == {"W1"}
+    x = jax.random.normal(jax.random.key(1), (8, 4))
+    value_fn = lambda p: jnp.sum((x @ p["W1"] + p["b1"] - 1.0) ** 2)
+    updates, state = tx.update(params, state, params, value_fn=value_fn)
+    assert int(state.rso_accepted["W1"]) > 0 and not np.any(np.asarray(updates["b1"]))
+    # kernels yes, dense biases and embeddings (no fan-in axes) no, norm scale and shift yes
+    tree = {
+        "embed": {"embedding": jnp.ones((10, 4))},
+        "dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)},
+        "norm": {"scale": jnp.ones(3), "bias": jnp.ones(3)},
+    }
+    assert set(rso(sigma=0.1).init(tree).rso_sigma) == {"dense/kernel", "norm/scale", "norm/bias"}
 
 
 def test_nnx_optimizer_trains_a_flax_model():

@@ -13,21 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _rso_nets import bn_layer, ce
 
 from optax_neuron import LayerStack, channelwise, conv_layer, dense_layer, rso, rso_init
 from optax_neuron._tree import leaves_with_paths
 from optax_neuron.rso.evaluators import Change, Incremental, Target
 
 RTOL = 2e-5  # measured: at most 7.6e-8 relative (float32 rounding, another summation order)
-
-
-def _bn(name):
-    def f(p, h):
-        mean = h.mean(axis=(0, 1, 2))
-        var = h.var(axis=(0, 1, 2))
-        return (h - mean) * jax.lax.rsqrt(var + 1e-5) * p[name]["scale"] + p[name]["bias"]
-
-    return channelwise(f, per_channel=[f"{name}/scale", f"{name}/bias"])
 
 
 relu = channelwise(lambda p, h: jax.nn.relu(h))
@@ -52,22 +44,21 @@ def _net(ch=4):
     # the official layout: conv, [pool], BN; ReLU opens the next conv; global pool, dense
     layers = [
         conv_layer("conv0/kernel"),
-        _bn("bn0"),
+        bn_layer("bn0"),
         relu,
         conv_layer("conv1/kernel"),
         pool,
-        _bn("bn1"),
+        bn_layer("bn1"),
         relu,
         conv_layer("conv2/kernel"),
-        _bn("bn2"),
+        bn_layer("bn2"),
         global_pool,
         dense_layer("head/kernel"),
     ]
     return params, layers
 
 
-def _ce(logits, y):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+_ce = ce
 
 
 def _data(n=16, seed=1):
