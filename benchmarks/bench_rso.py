@@ -17,12 +17,20 @@ on real MNIST, with a fresh minibatch per chunk of weights (``--rso-fresh-batch
 chunk``) at batch 256, 1000 and 5000, and with a fresh minibatch per weight
 (``--rso-fresh-batch weight``) beside it.
 
+Floor: beside every application row, the floor of an exact search at that batch (the
+three suffix passes per weight alone -- the layers after the next linear layer, or
+from the first layer that is not channel-wise -- summed over the cycle's weights, see
+:class:`Floor`) and the cycle / floor ratio; ``--no-floor`` skips it. It also prints
+what one segment per leaf costs over one per owner layer (one forward pass for every
+leaf read by the same layer as the leaf before it: BatchNorm scale after shift).
+
 Every figure is a whole cycle (every leaf, every weight), measured, never
 extrapolated; compilation is excluded (one warm-up call of every jitted
 function). The plain loop and the application at batch 256 run interleaved in
 one process, ``--repeats`` times; the medians are printed.
 
     python benchmarks/bench_rso.py                  # full run (the plain loop is long)
+    python benchmarks/bench_rso.py --no-plain --batches 256 --weight-batches ''  # cycle, floor
     python benchmarks/bench_rso.py --quick  # smoke run: 2 channels, batch 32, chunk mode only
 """
 
@@ -422,7 +430,6 @@ def main(argv=None):
         )
     return {
         "plain": base,
-        **{f"floor@{b}": v for b, v in floors.items()},
         **{
             f"{m}@{b}": statistics.median(v)
             for (m, b), v in [(k, v) for k, v in times.items() if k != "plain"]

@@ -99,6 +99,13 @@ def _axis_order(shape: tuple[int, ...], axes: tuple[int, ...], within: str) -> l
 def make_plan(
     params: Any, search: Any, order: Any, within: str = "row-major", fan_in: Any = None
 ) -> tuple[Plan, list]:
+    """The :class:`Plan` of a search over ``params`` and the flat leaves (``None`` kept).
+
+    ``search`` (rules or ``None``: :func:`default_search` on the fan-in axes of
+    ``fan_in``), ``order`` and ``within`` as in :func:`optax_neuron.rso`. Raises a
+    one-line error naming the path of a searched leaf that is not floating point, of
+    one no ``order`` glob places, or when nothing is searched.
+    """
     leaves_p, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)
     paths = tuple(path_str(p) for p, _ in leaves_p)
     leaves = [x for _, x in leaves_p]

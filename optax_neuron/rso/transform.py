@@ -237,15 +237,16 @@ def rso(
       within: order inside a leaf: ``"row-major"`` or ``"neuron"`` (output neuron,
         then input channel, then kernel position: the paper's Algorithm 1).
       search: rules ``[(glob, bool)]`` choosing the searched leaves (no match: not
-        searched). Default: ``kernel``/``w`` leaves, norm ``scale``/``offset``, and a
-        ``bias`` only beside a ``scale`` (dense/conv biases are not searched, as in
-        the official code).
+        searched). Default: every leaf with fan-in axes under ``fan_in`` (kernels, and
+        the ``x @ W`` matrices of a plain pytree: ``{"W1": ..., "b1": ...}`` searches
+        ``W1``), norm ``scale``/``offset``, and a ``bias`` only beside a ``scale``
+        (dense/conv biases and embeddings are not searched, as in the official code).
       weight_decay: per visit, the visited weight becomes ``w - w * weight_decay``
         before its candidates are scored ("keep" keeps the decayed value; the official
         code uses ``1e-4``). With a decay, ``F(w)`` is scored again for every weight
         (three evaluations per weight).
-      fan_in: fan-in axes for ``sigma="he"`` and ``within="neuron"`` (any ``fan_in=``
-        form; default: the FLAX preset).
+      fan_in: fan-in axes for the default ``search``, ``sigma="he"`` and
+        ``within="neuron"`` (any ``fan_in=`` form; default: the FLAX preset).
       per_weight_batch: ``False``: ``value_fn(params)`` is the loss on the call's
         minibatch, reused for all its weights. ``True``: ``value_fn(params, key)``
         draws a fresh minibatch from ``key`` (the weight's ``k_batch``); three
@@ -257,10 +258,12 @@ def rso(
         ``"cache"``: re-run only from the layer that
         owns the searched leaf: exactly the black-box losses. ``"incremental"``
         (default): in addition, a :func:`dense_layer`/:func:`conv_layer` kernel's
-        candidate is added to the cached output as one column and carried through
-        :func:`channelwise` layers to the next linear layer (one input-channel slice
-        of its kernel); the losses then differ from the black box by float rounding
-        only (a decision can flip only on a near-tie). ``"off"``: the black box.
+        candidate is added to the cached output as one column (a per-channel leaf of a
+        :func:`channelwise` layer, e.g. a BatchNorm scale, re-runs that one channel)
+        and carried through :func:`channelwise` layers to the next linear layer (one
+        input-channel slice of its kernel); the losses then differ from the black box
+        by float rounding only (a decision can flip only on a near-tie). ``"off"``: the
+        black box.
 
     Returns:
       A ``GradientTransformationExtraArgs``; ``update(updates, state, params, *,
