@@ -150,13 +150,18 @@ def test_incremental_between_two_adjacent_linear_layers():
     ev = Incremental(stack, 0, target)
     cache = ev.start(params)
     assert ev.m == 1 and ev.linear_m and cache.next_in is None
-    for flat, delta in [(0, 0.4), (25, -1.1), (53, 2.0)]:
-        change = _change(params, target, jnp.int32(flat), [delta])
+
+    @jax.jit
+    def check(flat, deltas):
+        change = _change(params, target, flat, deltas)
         moved = target.moved(params, change.flat_index, change.values[0])
         losses, aux = ev.scores(params, cache, change)
-        np.testing.assert_allclose(float(losses[0]), float(stack(moved)), rtol=RTOL)
-        acts = stack.activations(moved)[0]
         committed = ev.commit(params, cache, jax.tree.map(lambda a: a[0], aux), True)
+        return losses[0], stack(moved), stack.activations(moved)[0], committed
+
+    for flat, delta in [(0, 0.4), (25, -1.1), (53, 2.0)]:
+        got_loss, want_loss, acts, committed = check(jnp.int32(flat), [delta])
+        np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=RTOL)
         for j, got in _cached_inputs(ev, committed).items():
             np.testing.assert_allclose(np.asarray(got), np.asarray(acts[j]), rtol=1e-4, atol=1e-5)
 
