@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import batch_norm
 
 WEIGHT_DECAY = 1e-4
 NORM_STEP = 0.167
@@ -68,12 +69,6 @@ def paper_params(key: jax.Array, channels: int = 16) -> dict:
     return params
 
 
-def _batch_norm(p: dict, h: jax.Array) -> jax.Array:
-    mean = jnp.mean(h, axis=(0, 1, 2))
-    var = jnp.var(h, axis=(0, 1, 2))
-    return (h - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
-
-
 def _avg_pool(h: jax.Array) -> jax.Array:
     n, hh, ww, c = h.shape
     return h.reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
@@ -83,7 +78,7 @@ def paper_forward(
     params: dict,
     x: jax.Array,
     conv: Callable = jax.lax.conv_general_dilated,
-    norm: Callable = _batch_norm,
+    norm: Callable = batch_norm,
 ) -> jax.Array:
     """Logits of the paper net (official layout, batch statistics); ``lax.conv`` by default.
 
