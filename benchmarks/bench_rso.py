@@ -31,7 +31,7 @@ one process, ``--repeats`` times; the medians are printed.
 
     python benchmarks/bench_rso.py                  # full run (the plain loop is long)
     python benchmarks/bench_rso.py --no-plain --batches 256 --weight-batches ''  # cycle, floor
-    python benchmarks/bench_rso.py --quick  # smoke run: 1 channel, batch 32, 512 images, chunk mode only
+    python benchmarks/bench_rso.py --quick  # smoke: 1 channel, batch 32, 512 images, chunks
 """
 
 from __future__ import annotations
