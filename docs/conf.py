@@ -156,6 +156,8 @@ nitpick_ignore_regex = [(r"py:.*", pattern) for pattern in _EXTERNAL.values()]
 # optax and flax re-export names from private modules (optax._src..., flax.nnx.xxx); their
 # inventories list only the public spelling, so private spellings stay plain code.
 nitpick_ignore_regex += [(r"py:.*", r"(optax\._src|flax\.nnx\.\w+|jax\._src|chex\._src)\..*")]
+# A dataclass field annotated `tuple[str, ...] | None` reaches the resolver cut at the comma.
+nitpick_ignore_regex += [("py:class", r"tuple\[str")]
 
 # ----------------------------------------------------------------------- HTML
 html_theme = "sphinx_book_theme"

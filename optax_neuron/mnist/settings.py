@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["FAMILIES", "FLAGS", "Flag", "TrainConfig", "add_arguments", "applied"]
+__all__ = ["FAMILIES", "FLAGS", "Check", "Flag", "TrainConfig", "add_arguments", "applied"]
 __all__ += ["applies", "check_config", "family_of"]
 
 FAMILIES = ("momentum", "gradient", "rso")
@@ -123,16 +123,17 @@ _METAVARS = {POSITIVE: "N", COUNT: "N", INTEGER: "N", RATE: "X", DECAY: "X", UNI
 class Flag:
     """One setting: ``--name`` on the command line, ``name`` in :class:`TrainConfig`.
 
-    Attributes:
-      name: the config field (the flag is ``--`` + name with ``-`` for ``_``).
-      default: the value when not given (``None``: the optimizer's or the model's own).
-      help: the help text (argparse adds nothing to it).
-      families: the optimizer families it applies to; given for another one it is an error.
-      check: how the value is read and checked (:class:`Check`); ``choices`` when it is one.
-      choices: the allowed values (argparse lists them).
-      metavar: argparse's placeholder. cli: ``False`` for settings with no flag (internal).
-      computes: ``False`` for settings that do not change what a run computes
-        (where to save, whether to resume, when to stop); they are not compared on resume.
+    Its fields:
+
+    - ``name``: the config field (the flag is ``--`` + name with ``-`` for ``_``).
+    - ``default``: the value when not given (``None``: the optimizer's or the model's own).
+    - ``help``: the help text (argparse adds nothing to it).
+    - ``families``: the optimizer families it applies to; given for another one it is an error.
+    - ``check``: how the value is read and checked (:class:`Check`); ``choices`` when it is one.
+    - ``choices``: the allowed values (argparse lists them).
+    - ``metavar``: argparse's placeholder; ``cli``: ``False`` for settings with no flag (internal).
+    - ``computes``: ``False`` for settings that do not change what a run computes
+      (where to save, whether to resume, when to stop); they are not compared on resume.
     """
 
     name: str
