@@ -196,7 +196,7 @@ CASES = [
         "rso",
         on.rso,
         {"weight_decay": 1e-3},
-        {"seed": 0, "weights_per_step": 3, "speculate": 1, "search": [("*", True)]},
+        {"seed": 0, "weights_per_step": 3, "search": [("*", True)]},
         "rso",
     ),
 ]
