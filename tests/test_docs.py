@@ -28,6 +28,16 @@ def _texts():
             yield path, path.read_text(errors="replace")
 
 
+def _matches(pattern: re.Pattern[str]) -> list[str]:
+    """``path:line: match`` for every match of ``pattern`` in the texts a user reads."""
+    return [
+        f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
+        for path, text in _texts()
+        if path.name != "test_docs.py"
+        for m in pattern.finditer(text)
+    ]
+
+
 def test_pattern_catches_the_insider_words_only():
     for bad in ("The seed question", "the seed's optimizer", "the seed keeps", "SeedMomentum"):
         assert INSIDER.search(bad), bad
@@ -36,12 +46,7 @@ def test_pattern_catches_the_insider_words_only():
 
 
 def test_no_insider_words_in_readme_docstrings_notebooks_tests():
-    found = [
-        f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
-        for path, text in _texts()
-        if path.name != "test_docs.py"
-        for m in INSIDER.finditer(text)
-    ]
+    found = _matches(INSIDER)
     assert found == [], (
         "name the thing (the original question, the U-Net trainer, ...):\n" + "\n".join(found)
     )
@@ -68,12 +73,7 @@ def test_work_item_pattern():
 
 def test_no_work_item_numbers_where_users_read():
     """README, docs, CHANGELOG, benchmarks, docstrings, comments, CLI help, notebooks."""
-    found = [
-        f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
-        for path, text in _texts()
-        if path.name != "test_docs.py"
-        for m in WORK_ITEM.finditer(text)
-    ]
+    found = _matches(WORK_ITEM)
     assert found == [], "say what it is, not which work item it came from:\n" + "\n".join(found)
 
 
