@@ -106,6 +106,8 @@ def test_the_package_and_its_tests_explain_instead_of_narrating_history():
 
 def test_make_demo_installs_only_what_the_demo_needs(tmp_path):
     # `make -n` prints the recipe without running it; a fresh venv path forces every step.
+    # Under a parent make (CI calls `make test`), MAKEFLAGS carries -w, which would add
+    # "Entering/Leaving directory" lines: --no-print-directory keeps only the recipe.
     import shutil
     import subprocess
 
@@ -113,7 +115,11 @@ def test_make_demo_installs_only_what_the_demo_needs(tmp_path):
     assert make, "make is needed to check the Makefile"
     venv = tmp_path / "venv"
     proc = subprocess.run(
-        [make, "-n", "demo", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, check=True
+        [make, "-n", "--no-print-directory", "demo", f"VENV={venv}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     installs = [line for line in proc.stdout.splitlines() if " pip install " in line]
     assert any("-e '.[mnist]'" in line for line in installs), installs
@@ -121,6 +127,10 @@ def test_make_demo_installs_only_what_the_demo_needs(tmp_path):
     assert not any(word in proc.stdout for word in ("[all]", "[test]", "[bench]", "[notebooks]"))
     assert proc.stdout.strip().splitlines()[-1].endswith("-m optax_neuron.mnist --out outputs/demo")
     test = subprocess.run(
-        [make, "-n", "test", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, check=True
+        [make, "-n", "--no-print-directory", "test", f"VENV={venv}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "-e '.[all]'" in test.stdout  # make test installs the rest
