@@ -10,10 +10,13 @@ starts empty, so a run from a fresh clone pays every first compilation; it is re
 the run ends. Results do not depend on it: a cached executable is the one XLA compiled.
 """
 
+import fcntl
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -30,3 +33,28 @@ if _OWNER:
 def pytest_unconfigure(config):
     if _OWNER:
         shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def run_once(tmp_path_factory):
+    """``run_once(name, make)``: the directory ``name`` of this pytest run, filled by
+    ``make(directory)`` once, whichever xdist worker asks first; the others wait for it.
+
+    For expensive set-ups that several workers need (one uninterrupted training run, say).
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this run's directory, shared by its workers
+
+    def get(name: str, make) -> Path:
+        root = base / f"once_{name}"
+        with open(base / f"once_{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not (root / ".done").exists():
+                shutil.rmtree(root, ignore_errors=True)
+                root.mkdir()
+                make(root)
+                (root / ".done").touch()
+        return root
+
+    return get
