@@ -82,6 +82,7 @@ FLAG_DEFAULTS = {
     "schedule": "cosine",
     "rso_batch_size": 5000,
     "rso_fresh_batch": "chunk",
+    "rso_loss": "mean",
     "devices": 1,
 }
 """Flags parsed with default ``None`` (so "given" differs from "default"), and their defaults."""
@@ -207,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
         "of its layer's input over the whole training set (held in memory: about 2.5 GB "
         "for a 28x28x16 layer of 50,000 images)",
     )
+    p.add_argument(
+        "--rso-loss",
+        default=None,
+        choices=("mean", "sum64"),
+        help="RSO: the loss that orders the candidates: the float32 mean cross-entropy "
+        "(default: mean) or, as the RSO paper's official code, the cross-entropy summed "
+        "over the minibatch in float64 (sum64)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
 
@@ -218,6 +227,7 @@ OPTIMIZER_FLAGS = (
     "batch_size",
     "rso_batch_size",
     "rso_fresh_batch",
+    "rso_loss",
     "devices",
 )
 """Flags that only some optimizers take (``OptimizerChoice.flags``), with ``grad_stats``."""
@@ -344,6 +354,7 @@ def _config(args, optimizer: str, checkpoint: str | None):
         rso_batch_size=args.rso_batch_size,
         devices=args.devices,
         rso_fresh_batch=args.rso_fresh_batch,
+        rso_loss=args.rso_loss,
         stop_after=args.stop_after,
     )
     default = TrainConfig()

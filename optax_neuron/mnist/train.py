@@ -69,7 +69,7 @@ OPTIMIZERS: dict[str, OptimizerChoice] = {
     "adagrad": OptimizerChoice(lambda lr, _: optax.adagrad(lr), 0.05),
     "adadelta": OptimizerChoice(lambda lr, _: optax.adadelta(lr), 1.0),
     "rso": OptimizerChoice(
-        None, flags=frozenset({"rso_batch_size", "rso_fresh_batch"})
+        None, flags=frozenset({"rso_batch_size", "rso_fresh_batch", "rso_loss"})
     ),  # no gradients: rso.py
     "neuron-adam": OptimizerChoice(lambda lr, _: on.neuron_adam(lr), 1e-3),
     "neuron-adam-neuron": OptimizerChoice(
@@ -166,6 +166,7 @@ class TrainConfig:
     stop_after: int | None = None  # end after this many epochs as if interrupted (--stop-after)
     rso_chunk: int = 1000
     rso_fresh_batch: str = "chunk"  # RSO: a fresh minibatch per chunk of weights, or per "weight"
+    rso_loss: str = "mean"  # RSO: float32 mean cross-entropy, or "sum64" (the official code's)
     eval_batch_size: int = 1000
     devices: int = 1  # data-parallel over this many local devices (gradient optimizers)
 
