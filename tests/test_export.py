@@ -298,8 +298,9 @@ def test_application_train_epoch_exports(model):
     _export(epoch, state, images, labels, jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize("fresh_batch", ["chunk", "weight"])
-def test_application_rso_step_exports(fresh_batch):
+@pytest.mark.parametrize(("fresh_batch", "loss"), [("chunk", "mean"), ("weight", "mean"),
+                                                    ("chunk", "sum64")])  # fmt: skip
+def test_application_rso_step_exports(fresh_batch, loss):
     from flax import nnx
 
     from optax_neuron.mnist.models import rso_paper
@@ -309,6 +310,10 @@ def test_application_rso_step_exports(fresh_batch):
     x = jnp.asarray(rng.random((32, 28, 28, 1)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 32), jnp.int32)
     search = RSOSearch(rso_paper(nnx.Rngs(0), channels=2), x, y, batch=8, cycles=5, chunk=40,
-                       fresh_batch=fresh_batch)  # fmt: skip
-    perm = jnp.arange(32)
-    _export(search._step, search.params, search.state, x, y, perm, 0)
+                       fresh_batch=fresh_batch, loss=loss)  # fmt: skip
+    args = (search.params, search.state, x, y, jnp.arange(32), 0)
+    if loss == "sum64":  # float64 in the module: lowers for the TPU too, untried there
+        with jax.enable_x64(True):
+            _export(search._step.jitted, *args)
+    else:
+        _export(search._step, *args)
