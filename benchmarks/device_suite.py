@@ -14,9 +14,11 @@ On whatever device JAX sees first (a GPU, a TPU, or the CPU), in this order:
 4. **rso**: the application's RSO on ``rso-paper`` with the official recipe (batch
    5000 drawn per weight from the cached layer inputs, ``--rso-fresh-batch weight``;
    the float64 summed loss, ``--rso-loss sum64``; the 50-cycle anneal), checkpointed
-   under ``--work``: one cycle first (it measures the cycle and the compile), then as
-   many more as fit the remaining budget. A second call of the suite continues the
-   anneal where the last one stopped (same ``--work``).
+   under ``--work``: one cycle first (it measures the cycle and the compile; it may run
+   past the budget up to :data:`FIRST_CYCLE_S`), then as many more as fit the remaining
+   budget (a call that runs out is stopped with Ctrl-C and keeps its complete cycles).
+   A second call of the suite continues the anneal where the last one stopped (same
+   ``--work``).
 5. **pgpe**: evosax PGPE on the same net (``bench_rso_peer.py``) for the search time
    RSO had in this call, its curve beside RSO's.
 
@@ -82,6 +84,9 @@ PACKAGES = {
 
 RSO_CYCLES = 50  # the official anneal
 RSO_BATCH = 5000
+FIRST_CYCLE_S = 300.0
+"""The first RSO call of a suite run may take this long even past the budget (compile + one
+cycle): a call stopped before its first cycle ends saves nothing."""
 
 
 def _package_missing() -> list[str]:
@@ -282,8 +287,10 @@ def step_rso(args, seconds: float) -> dict:
     while True:
         before = done()
         argv = [*_rso_argv(args, ckpt, out), "--stop-after", str(target)]
-        rc, text, wall = _cli(argv + (["--resume"] if before else []),
-                              seconds - (time.perf_counter() - t0))  # fmt: skip
+        left = seconds - (time.perf_counter() - t0)
+        if not calls:  # the first cycle must end, or no call ever gets further
+            left = max(left, FIRST_CYCLE_S)
+        rc, text, wall = _cli(argv + (["--resume"] if before else []), left)
         now = done()
         calls.append({"stop_after": target, "returncode": rc, "wall_s": wall, "cycles_after": now})
         if rc != 0 or now < target or now >= RSO_CYCLES:
