@@ -1,7 +1,8 @@
 """``benchmarks/device_suite.py --quick``: every step of the accelerator suite runs on the CPU.
 
 One quick run (toy sizes; the update-step benchmark on its tiny transformer-shaped tree
-only, its other trees are timed by ``test_benchmarks_smoke.py``) must write the JSON and
+only and ``bench_rso_peer.main`` replaced by a stand-in: both scripts run in
+``test_benchmarks_smoke.py``, here their wiring is checked) must write the JSON and
 the Markdown with every step ``ok``, run the RSO step as two CLI calls of which the second
 resumes the first's checkpoint, and put the device in the report. A missing requirement
 ends the suite before anything runs, with one line naming it.
@@ -25,6 +26,17 @@ def test_quick_run_writes_every_step(tmp_path, monkeypatch):
 
     tiny = bench_update_step.trees(True)["transformer (tiny)"]
     monkeypatch.setattr(bench_update_step, "trees", lambda quick: {"transformer (tiny)": tiny})
+    import bench_rso_peer
+
+    peer_argv = []
+
+    def peer(argv):  # bench_rso_peer --quick itself runs in test_benchmarks_smoke.py
+        peer_argv.extend(argv)
+        print("| PGPE gen 3 | 2 | 768 | 0.2000 |")
+        start = {"generation": 0, "images": 0, "test_accuracy": 0.1, "wall_time": 0.0}
+        return [start, {"generation": 3, "images": 768, "test_accuracy": 0.2, "wall_time": 2.0}]
+
+    monkeypatch.setattr(bench_rso_peer, "main", peer)
     report = device_suite.main(["--quick", "--out", str(tmp_path), "--tests-timeout", "300"])
     steps = report["steps"]
     assert list(steps) == ["tests", "update_step", "demo", "rso", "pgpe"]
@@ -37,7 +49,11 @@ def test_quick_run_writes_every_step(tmp_path, monkeypatch):
     assert (rso["cycles_before"], rso["cycles_after"]) == (0, 2)
     assert [c["stop_after"] for c in rso["calls"]] == [1, 2]  # the second call resumed
     assert [c["cycle"] for c in rso["cycles"]] == [1, 2]
-    assert steps["pgpe"]["generations"] >= 1
+    # PGPE gets the RSO run's metrics for its plot, and writes the plot beside the report
+    rso_metrics = str(tmp_path / "work" / "rso" / "metrics.json")
+    assert peer_argv == ["--quick", "--out", str(tmp_path / "rso_peer.png"), "--rso", rso_metrics]
+    assert steps["pgpe"]["generations"] == 3 and "| PGPE gen 3 |" in steps["pgpe"]["markdown"]
+    assert [e["epoch"] for e in json.loads(Path(rso_metrics).read_text())["epochs"]] == [1, 2]
     saved = json.loads((tmp_path / "device_suite.json").read_text())
     assert saved["device"]["platform"] == "cpu" and saved["steps"].keys() == steps.keys()
     md = (tmp_path / "device_suite.md").read_text()

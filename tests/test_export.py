@@ -298,8 +298,7 @@ def test_application_train_epoch_exports(model):
     _export(epoch, state, images, labels, jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize(("fresh_batch", "loss"), [("chunk", "mean"), ("weight", "mean"),
-                                                    ("chunk", "sum64")])  # fmt: skip
+@pytest.mark.parametrize(("fresh_batch", "loss"), [("chunk", "mean"), ("weight", "sum64")])
 def test_application_rso_step_exports(fresh_batch, loss):
     from flax import nnx
 
