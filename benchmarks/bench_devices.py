@@ -1,4 +1,4 @@
-"""Issue 17: MNIST epoch throughput data-parallel over 2 devices against 1 (``--devices``).
+"""MNIST epoch throughput data-parallel over 2 devices against 1 (``--devices``).
 
 One process with two CPU devices (``--xla_force_host_platform_device_count=2``, set here
 before JAX starts, as the CLI's ``--devices 2`` does). Both candidates are the

@@ -1,4 +1,4 @@
-"""Issue 8.5: MNIST training throughput and accuracy, neuron-mean SGD against Optax.
+"""MNIST training throughput and accuracy, neuron-mean SGD against Optax.
 
 Trains the application's CNN (``optax_neuron.mnist.models.cnn``) on real
 MNIST (50,000 training images, batch 128) with the application's optimizers

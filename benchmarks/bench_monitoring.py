@@ -1,4 +1,4 @@
-"""Issue 8.3: the overhead of gradient monitoring on a full MNIST CNN train step.
+"""The overhead of gradient monitoring on a full MNIST CNN train step.
 
 One step = forward, backward and optimizer update of the application's CNN
 (``optax_neuron.mnist.models.cnn``, about 420k parameters) on a batch of real

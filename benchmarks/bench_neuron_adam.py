@@ -1,4 +1,4 @@
-"""Issue 16: neuron-wise Adam against Adam, AdamW, Adafactor, Lion and momentum on MNIST.
+"""Neuron-wise Adam against Adam, AdamW, Adafactor, Lion and momentum on MNIST.
 
 Trains the application's CNN (``--model cnn``) and its small vision
 transformer (``--model vit``, ``nnx.MultiHeadAttention``, so the attention

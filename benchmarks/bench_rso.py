@@ -17,18 +17,27 @@ on real MNIST, with a fresh minibatch per chunk of weights (``--rso-fresh-batch
 chunk``) at batch 256, 1000 and 5000, and with a fresh minibatch per weight
 (``--rso-fresh-batch weight``) beside it.
 
+Floor: beside every application row, the floor of an exact search at that batch (the
+three suffix passes per weight alone -- the layers after the next linear layer, or
+from the first layer that is not channel-wise -- summed over the cycle's weights, see
+:class:`Floor`) and the cycle / floor ratio; ``--no-floor`` skips it. It also prints
+what one segment per leaf costs over one per owner layer (one forward pass for every
+leaf read by the same layer as the leaf before it: BatchNorm scale after shift).
+
 Every figure is a whole cycle (every leaf, every weight), measured, never
 extrapolated; compilation is excluded (one warm-up call of every jitted
 function). The plain loop and the application at batch 256 run interleaved in
 one process, ``--repeats`` times; the medians are printed.
 
     python benchmarks/bench_rso.py                  # full run (the plain loop is long)
-    python benchmarks/bench_rso.py --quick  # smoke run: 2 channels, batch 32, chunk mode only
+    python benchmarks/bench_rso.py --no-plain --batches 256 --weight-batches ''  # cycle, floor
+    python benchmarks/bench_rso.py --quick  # smoke: 1 channel, batch 32, 512 images, chunks
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -37,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import batch_norm
 
 WEIGHT_DECAY = 1e-4
 NORM_STEP = 0.167
@@ -59,12 +69,6 @@ def paper_params(key: jax.Array, channels: int = 16) -> dict:
     return params
 
 
-def _batch_norm(p: dict, h: jax.Array) -> jax.Array:
-    mean = jnp.mean(h, axis=(0, 1, 2))
-    var = jnp.var(h, axis=(0, 1, 2))
-    return (h - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
-
-
 def _avg_pool(h: jax.Array) -> jax.Array:
     n, hh, ww, c = h.shape
     return h.reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
@@ -74,7 +78,7 @@ def paper_forward(
     params: dict,
     x: jax.Array,
     conv: Callable = jax.lax.conv_general_dilated,
-    norm: Callable = _batch_norm,
+    norm: Callable = batch_norm,
 ) -> jax.Array:
     """Logits of the paper net (official layout, batch statistics); ``lax.conv`` by default.
 
@@ -214,6 +218,97 @@ class AppCycle:
         return time.perf_counter() - t
 
 
+# ----------------------------------------------------------------------------- the floor
+
+
+def _suffix_start(layers: list, k: int) -> int:
+    """The first layer a candidate of a leaf owned by layer ``k`` must run in full.
+
+    The layers after ``k`` declared channel-wise carry one channel; the next linear layer
+    gets one input-channel slice; everything after it runs in full (from its output).
+    A layer that is neither ends the one-channel path and runs in full itself.
+    """
+    from optax_neuron import ChannelwiseLayer, LinearLayer
+
+    m = k + 1
+    while m < len(layers) and isinstance(layers[m], ChannelwiseLayer):
+        m += 1
+    return m + 1 if m < len(layers) and isinstance(layers[m], LinearLayer) else m
+
+
+class Floor:
+    """The floor of an exact search: the three suffix passes per weight alone.
+
+    For every searched leaf of the application (owner layer ``k`` from the stack), one
+    jitted loop over the leaf's weights runs the layers from :func:`_suffix_start` to
+    the loss three times per weight on the cached activation at batch ``batch`` (made
+    to depend on the loop so XLA cannot hoist it), and nothing else: no draw, no
+    column, no input-channel update, no commit. The figure is the sum over the leaves
+    of a whole cycle, measured (compiled first).
+    """
+
+    def __init__(self, app: AppCycle, batch: int):
+        from optax_neuron import LayerStack
+        from optax_neuron.mnist.rso import _cross_entropy
+        from optax_neuron.rso.plan import make_plan, owners
+
+        search = app.search
+        params = search.params
+        x, y = app.x[:batch], app.y[:batch]
+        stack = LayerStack(search.layers, _cross_entropy, x, y)
+        plan, leaves = make_plan(params, [(p, True) for p in search.state.rso_sigma], None)
+        owner = owners(stack, params, leaves, plan.treedef)
+        acts = jax.jit(lambda p: stack.activations(p)[0])(params)
+        self.params, self.stack, self.acts = params, stack, acts
+        self.leaves = [(min(owner[i], len(stack.layers) - 1), int(plan.sizes[t]))
+                       for t, i in enumerate(plan.visit)]  # fmt: skip
+        self.loops = {}
+        for k, _ in self.leaves:
+            start = _suffix_start(list(stack.layers), k)
+            if start not in self.loops:
+                self.loops[start] = jax.jit(self._loop(start))
+                jax.block_until_ready(self.loops[start](params, acts[start], 2))
+        self.forward = jax.jit(lambda p: stack.activations(p)[0])
+
+    def _loop(self, start: int) -> Callable:
+        stack = self.stack
+
+        def loop(params, h, n):
+            def body(i, acc):
+                for c in range(3):
+                    acc = acc + stack.from_layer(start, params, h + (acc + c) * 1e-30)
+                return acc
+
+            return jax.lax.fori_loop(0, n, body, jnp.float32(0.0))
+
+        return loop
+
+    def seconds(self) -> float:
+        """The floor of one whole cycle (every searched weight), measured."""
+        t = time.perf_counter()
+        for k, n in self.leaves:
+            start = _suffix_start(list(self.stack.layers), k)
+            jax.block_until_ready(self.loops[start](self.params, self.acts[start], n))
+        return time.perf_counter() - t
+
+    def start_seconds(self, repeats: int = 5) -> float:
+        """One forward pass that fills an evaluator's cache (median of ``repeats``)."""
+        jax.block_until_ready(self.forward(self.params))
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(self.forward(self.params))
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+
+def _shared_owner_leaves(app: AppCycle) -> int:
+    """Searched leaves read by the same layer as the leaf visited before them."""
+    paths = list(app.search.state.rso_sigma)
+    parents = [p.rsplit("/", 1)[0] for p in paths]
+    return sum(a == b for a, b in itertools.pairwise(parents))
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -229,7 +324,7 @@ def _mnist(limit: int | None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--quick", action="store_true", help="smoke run: 2 channels, batch 32, 2000 images"
+        "--quick", action="store_true", help="smoke run: 1 channel, batch 32, 512 images"
     )
     ap.add_argument(
         "--repeats", type=int, default=1, help="interleaved rounds of plain loop + app at batch 256"
@@ -242,10 +337,13 @@ def main(argv=None):
         "--no-plain", action="store_true", help="skip the plain loop (no speed-up column)"
     )
     ap.add_argument("--only-plain", action="store_true", help="time the plain loop alone")
+    ap.add_argument(
+        "--no-floor", action="store_true", help="skip the floor (three suffix passes per weight)"
+    )
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
-    channels, limit = (2, 2000) if args.quick else (16, None)
+    channels, limit = (1, 512) if args.quick else (16, None)
     batches = [32] if args.quick else [int(b) for b in args.batches.split(",") if b]
     weight_batches = [] if args.quick else [int(b) for b in args.weight_batches.split(",") if b]
     if not batches:
@@ -300,15 +398,31 @@ def main(argv=None):
         "interleaved round(s) for the plain loop and the first application row, one cycle "
         "for the others"
     )
-    print("| method | batch | s/cycle | plain loop / method |")
-    print("|---|---:|---:|---:|")
+    floors: dict = {}
+    if not args.no_floor:
+        for (_, b), app in apps.items():
+            if b not in floors:
+                floor = Floor(app, b)
+                floors[b] = floor.seconds()
+                extra = floor.start_seconds() * _shared_owner_leaves(app)
+                print(
+                    f"floor, batch {b}: {floors[b]:.1f} s; one segment per leaf costs "
+                    f"{extra:.3f} s more per cycle than one per owner layer",
+                    flush=True,
+                )
+    print("| method | batch | s/cycle | plain loop / method | floor s/cycle | cycle / floor |")
+    print("|---|---:|---:|---:|---:|---:|")
     if plain is not None:
         label = "plain loop (3 full lax.conv passes per weight, jitted per leaf)"
-        print(f"| {label} | {base_batch} | {base:.1f} | 1.0x |")
+        print(f"| {label} | {base_batch} | {base:.1f} | 1.0x | | |")
     for (mode, b), ts in [(k, v) for k, v in times.items() if k != "plain"]:
         med = statistics.median(ts)
         ratio = f"{base / med:.1f}x" if b == base_batch else "(other batch)"
-        print(f"| application, fresh batch per {mode} | {b} | {med:.1f} | {ratio} |")
+        fl = floors.get(b, float("nan"))
+        print(
+            f"| application, fresh batch per {mode} | {b} | {med:.1f} | {ratio} "
+            f"| {fl:.1f} | {med / fl:.2f}x |"
+        )
     return {
         "plain": base,
         **{

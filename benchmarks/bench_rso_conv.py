@@ -1,4 +1,4 @@
-"""Issue 12: the convolution RSO's suffix passes run, written three ways.
+"""The convolution RSO's suffix passes run, written three ways.
 
 Every weight visit re-runs the layers after the next convolution for its three candidates, so
 the floor of an exact search is set by a 3x3, 16 -> 16 channel, SAME convolution on the three

@@ -34,6 +34,7 @@ bound since RSO re-runs only the layers after the searched one).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -47,6 +48,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_rso import paper_forward, paper_params
+from common import batch_norm
 
 
 def forward_with_stats(params: dict, x: jax.Array, calib: jax.Array) -> jax.Array:
@@ -56,12 +58,7 @@ def forward_with_stats(params: dict, x: jax.Array, calib: jax.Array) -> jax.Arra
 
     # The net normalises with the batch's statistics: run calib and x as one batch
     # whose BatchNorms take their statistics from calib's rows only.
-    def bn(p, h):
-        mean = jnp.mean(h[:n], axis=(0, 1, 2))
-        var = jnp.var(h[:n], axis=(0, 1, 2))
-        return (h - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
-
-    return paper_forward(params, both, norm=bn)[n:]
+    return paper_forward(params, both, norm=functools.partial(batch_norm, stats_rows=n))[n:]
 
 
 def _ce(logits, y):

@@ -1,4 +1,4 @@
-"""Issue 8.1 + 8.2: the cost of one optimizer step, and the bytes of its state.
+"""The cost of one optimizer step, and the bytes of its state.
 
 8.1 times ``update`` + ``optax.apply_updates`` (jitted, params and optimizer
 state donated, the same fixed gradients every step) for
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Runner, add_common_args, format_table, machine_line, time_interleaved, tree_bytes
 
 import optax_neuron as on
+from optax_neuron._tree import fan_in_mean
 from optax_neuron.fan_in import fan_in_size, neuron_shape, path_str
 
 LEARNING_RATE = 1e-3
@@ -160,20 +161,9 @@ def make_runner(name, tx, params, grads) -> Runner:
     return Runner(name, lambda carry: step(carry, grads), (own, tx.init(own)))
 
 
-def _library_fan_in_mean():
-    """The fan-in mean ``neuron_mean_trace`` computes (a private helper; ``jnp.mean`` if moved)."""
-    try:
-        from optax_neuron.neuron_mean import _fan_in_mean
-
-        return _fan_in_mean
-    except ImportError:
-        return lambda g, axes, dtype: jnp.mean(g, axis=axes, keepdims=True, dtype=dtype)
-
-
 def reduction_runner(params, grads) -> Runner:
     """Diagnostic: only the fan-in means of the gradients (what neuron-mean adds to plain SGD)."""
     axes = on.fan_in_axes(params)
-    fan_in_mean = _library_fan_in_mean()
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(acc, grads):

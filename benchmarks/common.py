@@ -22,17 +22,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
     "Runner",
     "add_common_args",
+    "batch_norm",
     "cpu_model",
     "format_table",
     "machine_line",
     "time_interleaved",
     "tree_bytes",
 ]
+
+
+def batch_norm(p: dict, h: jax.Array, stats_rows: int | None = None) -> jax.Array:
+    """BatchNorm with batch statistics: ``(h - mean) / sqrt(var + 1e-5) * scale + bias``.
+
+    ``mean`` and ``var`` are taken over every axis but the channel (last), from the
+    first ``stats_rows`` rows of ``h`` (all rows when ``None``); ``p`` holds ``scale``
+    and ``bias``.
+    """
+    rows = h if stats_rows is None else h[:stats_rows]
+    axes = tuple(range(h.ndim - 1))
+    mean, var = jnp.mean(rows, axis=axes), jnp.var(rows, axis=axes)
+    return (h - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
 
 
 def cpu_model() -> str:

@@ -211,6 +211,71 @@ cell_grid(ax)
 plt.show()
 
 # %% [markdown]
+# ### Read from the computation instead of the path
+#
+# Path and rank cannot tell a standalone `nnx.LinearGeneral(6, (2, 4))` kernel `(6, 2, 4)`
+# from a 1-D convolution `(width, in, out)`: the path rules give it `(0, 1)`, while its fan-in
+# is axis 0. `on.fan_in.from_computation` traces the model once on shapes only and reads each
+# parameter's axes where it meets the activations (the contracting dimensions of a
+# `dot_general`, the input and window dimensions of a convolution kernel; `()` for gathers and
+# elementwise uses). Below, both side by side for a block with a `LinearGeneral` projection
+# and attention.
+
+
+# %%
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = nnx.LinearGeneral(6, (2, 4), rngs=rngs)  # kernel (6, 2, 4)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs
+        )
+
+    def __call__(self, x):
+        return self.attn(self.proj(x).reshape(*x.shape[:-1], 8))
+
+
+block_graphdef, block_state = nnx.split(Block(nnx.Rngs(0)), nnx.Param)
+block_params = nnx.to_pure_dict(block_state)
+tokens = jax.ShapeDtypeStruct((1, 5, 6), jnp.float32)  # shapes only: nothing is computed
+t0 = time.perf_counter()
+traced = on.fan_in.from_computation(
+    lambda p, x: nnx.merge(block_graphdef, p)(x), block_params, tokens
+)
+print(f"traced in {1e3 * (time.perf_counter() - t0):.0f} ms")
+preset = on.fan_in_axes(block_params)
+block_rows = zip(
+    jax.tree_util.tree_flatten_with_path(block_params)[0],
+    jax.tree.leaves(preset, is_leaf=lambda x: isinstance(x, tuple)),
+    jax.tree.leaves(traced, is_leaf=lambda x: isinstance(x, tuple)),
+    strict=True,
+)
+print(f"{'parameter':24} {'shape':12} {'path rules':11} computation")
+for (path, leaf), by_rule, by_trace in block_rows:
+    if leaf.ndim > 1:
+        name = on.fan_in.path_str(path)
+        mark = "  <- differ" if by_rule != by_trace else ""
+        print(f"{name:24} {leaf.shape!s:12} {by_rule!s:11} {by_trace}{mark}")
+
+# %% [markdown]
+# Each colour is one neuron. With the path rules' `(0, 1)` the columns of the two heads share
+# a colour: 4 neurons of 12 inputs. Read from the computation, each of the 8 output units is a
+# neuron of 6 inputs. The traced tree goes to any transformation as `fan_in=`, e.g.
+# `on.neuron_mean_sgd(0.1, fan_in=traced)`, which then keeps 8 momentum values for this kernel.
+
+# %%
+proj_shape = block_params["proj"]["kernel"].shape
+fig, panels = plt.subplots(1, 2, figsize=(7, 2.6))
+for ax, (title, axes_) in zip(
+    panels, [("path rules (0, 1)", preset), ("computation (0,)", traced)], strict=True
+):
+    proj_ids = neuron_ids(proj_shape, axes_["proj"]["kernel"]).reshape(proj_shape[0], -1)
+    ax.imshow(proj_ids, cmap="tab10", vmin=0, vmax=9)
+    ax.set_title(f"LinearGeneral kernel: {title}", fontsize=10)
+    ax.set(xlabel="out (2 x 4)", ylabel="in")
+    cell_grid(ax)
+plt.show()
+
+# %% [markdown]
 # ## One number per neuron is enough
 #
 # The TensorFlow optimizer from the question keeps a full accumulator, one value per connection:

@@ -296,12 +296,38 @@ rng = np.random.default_rng(0)
 X = jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)
 Y = X @ jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
 lsq = lambda p: jnp.mean((X @ p["kernel"] + p["bias"] - Y) ** 2)
-curves = {}
-for name, tx in {
-    "adam": optax.adam(0.05),
-    "neuron_adam full": on.neuron_adam(0.05),
-    "neuron_adam neuron": on.neuron_adam(0.05, first_moment="neuron"),
-}.items():
+# The Hessian of one output column (its kernel column and its bias): 2/192 [X 1]^T [X 1].
+X1 = np.concatenate([np.asarray(X, np.float64), np.ones((64, 1))], axis=1)
+H = 2.0 / (64 * 3) * X1.T @ X1
+lr, lsq_steps = 0.05, 1500 if FULL else 300
+b1, b2, eps = 0.9, 0.999, 1e-8
+
+
+def stiffness(nu, t, lr_t):
+    """lr * largest eigenvalue of D^1/2 H D^1/2, D = 1 / (sqrt(v_hat) + eps): the step of the
+    stiffest direction; the momentum iteration is unstable above 2 (1 + b1) / (1 - b1) = 38."""
+    vk = np.broadcast_to(np.asarray(nu["kernel"], np.float64), (8, 3))
+    vb = np.asarray(nu["bias"], np.float64)
+    worst = 0.0
+    for j in range(3):
+        v_hat = np.concatenate([vk[:, j], vb[j : j + 1]]) / (1 - b2**t)
+        d = np.sqrt(lr_t / (np.sqrt(v_hat) + eps))
+        worst = max(worst, float(np.linalg.eigvalsh(d[:, None] * H * d[None, :]).max()))
+    return worst
+
+
+cosine = optax.cosine_decay_schedule(lr, lsq_steps)
+constant = lambda t: lr
+runs = {
+    "adam": (optax.adam(lr), "nu", constant),
+    "neuron_adam full": (on.neuron_adam(lr), "neuron_adam_nu", constant),
+    "neuron_adam neuron": (on.neuron_adam(lr, first_moment="neuron"), "neuron_adam_nu", constant),
+    "adam, cosine decay": (optax.adam(cosine), "nu", cosine),
+    "neuron_adam full, cosine decay": (on.neuron_adam(cosine), "neuron_adam_nu", cosine),
+}
+limit = 2 * (1 + b1) / (1 - b1)
+curves, stiff = {}, {}
+for name, (tx, nu_name, lr_of) in runs.items():
     p = {"kernel": jnp.zeros((8, 3)), "bias": jnp.zeros(3)}
     s = tx.init(p)
 
@@ -310,25 +336,63 @@ for name, tx in {
         u, s = tx.update(jax.grad(lsq)(p), s, p)
         return optax.apply_updates(p, u), s, lsq(p)
 
-    out = []
-    for _ in range(1000 if FULL else 300):
+    out, edge = [], []
+    for t in range(1, lsq_steps + 1):
         p, s, loss = step(p, s)
         out.append(float(loss))
-    curves[name] = np.array(out)
-    print(
-        f"{name:20s} loss after 100 / 300 / last step: "
-        f"{out[99]:.2e} / {out[299]:.2e} / {out[-1]:.2e}"
-    )
+        edge.append(stiffness(optax.tree.get(s, nu_name), t, float(lr_of(t - 1))))
+    curves[name], stiff[name] = np.array(out), np.array(edge)
+    crossings = [t + 1 for t in range(1, len(edge)) if edge[t - 1] <= limit < edge[t]]
+    line = f"{name:31s} loss after 100 / 300 / last step: {out[99]:.1e} / {out[299]:.1e} / "
+    line += f"{out[-1]:.1e}; "
+    if crossings:
+        c = crossings[0]  # the step whose update was the first above the limit
+        line += (
+            f"above the limit at steps {crossings}: loss {out[c - 2]:.1e} before the first, "
+            f"up to {max(out[c - 1 : c + 100]):.1e} in the 100 steps after it"
+        )
+    else:
+        line += f"never above the limit (at most {max(edge):.1f})"
+    print(line)
 
-fig, ax = plt.subplots(figsize=(6, 3.2))
-for (name, c), style in zip(curves.items(), ("k-", "r-", "r--"), strict=True):
-    ax.plot(c, style, label=name)
+styles = ("k-", "r-", "r--", "k:", "r:")
+fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.4))
+for (name, c), style in zip(curves.items(), styles, strict=True):
+    ax.plot(np.arange(1, len(c) + 1), c, style, label=name, lw=1)
+    bx.plot(np.arange(1, len(c) + 1), stiff[name], style, label=name, lw=1)
 ax.set_yscale("log")
 ax.set_xlabel("step")
 ax.set_ylabel("loss")
-ax.legend()
+ax.legend(fontsize=7)
+bx.axhline(limit, color="gray", lw=0.8)
+bx.text(5, limit * 1.03, "stability limit 2(1+b1)/(1-b1) = 38", fontsize=7)
+bx.set_xlabel("step")
+bx.set_ylabel("lr * largest eigenvalue of the preconditioned Hessian")
+bx.legend(fontsize=7, loc="center right")
 plt.tight_layout()
 plt.show()
+
+# %% [markdown]
+# **The late rise is Adam's, not a defect of the per-neuron moment.** With a constant learning
+# rate both Adam and neuron-wise Adam reach the float32 floor of this problem (a loss of about
+# 1e-13: residuals at float32's relative precision of `Y`) by step 300 and stay there for
+# several hundred steps; then the loss jumps by seven to eight orders of magnitude (to 1.9e-5 for
+# Adam after step 1023, 2.7e-5 for the full first moment after step 921), falls back, and jumps
+# again 230 to 300 steps later. The right panel says why. Once the gradients have vanished, `v`
+# only decays (`v <- 0.999 v`, a factor `e` per 1,000 steps, which the bias correction
+# `1 - 0.999^t` does not undo), so the step `lr / sqrt(v_hat)` of every direction keeps growing.
+# Adam's update is a momentum iteration (`m` averages the gradients with weight `1 - b1`), stable
+# while `lr * lambda / sqrt(v_hat)` stays below `2 (1 + b1) / (1 - b1) = 38` for the stiffest
+# direction `lambda` of the Hessian (with `D = 1 / (sqrt(v_hat) + eps)`: the largest eigenvalue
+# of `D^1/2 H D^1/2`, plotted). Each jump starts at the step where that curve crosses the line:
+# the error grows geometrically from the rounding floor until the gradients are large enough to
+# raise `v` again, which brings the curve back under the line. The per-neuron `v` (a mean of
+# `g^2` over the fan-in) is a little smaller than Adam's own in the stiff directions, so it
+# crosses about 100 steps earlier; the per-neuron first moment crosses first (step 875), while
+# it is still descending, and jumps from 2.5e-7 to 1.5e-5. It is neither float32 rounding nor
+# `eps`: the same happens in float64 and with `eps = 0`. A decaying learning rate (the dotted
+# curves, cosine to 0 over the run, the application's default) keeps the curve below 19 and the
+# loss at the floor.
 
 # %% [markdown]
 # ## Summary
@@ -352,7 +416,9 @@ plt.show()
 #   distinguishes the connections of a neuron. It is exact and tiny in memory, but it trains
 #   clearly worse at the same learning rate: 87.0% (CNN) and 47.8% (vit) here; on the
 #   least-squares problem it is at 4.6e-2 after 300 steps where the per-connection first moment
-#   is at 2e-13 (it gets to 8e-9 by step 1000). It is the right choice only when optimizer
-#   memory matters more than the number of steps.
+#   is at the float32 floor (about 1e-13). It is the right choice only when optimizer memory
+#   matters more than the number of steps.
+# - **A constant learning rate ends in spikes**, for Adam and neuron-wise Adam alike, once the
+#   gradients vanish and `v` decays; decay the learning rate.
 #
 # One seed and untuned learning rates: differences below about half a percent are noise.

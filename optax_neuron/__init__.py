@@ -12,6 +12,8 @@ Fan-in axes (module :mod:`optax_neuron.fan_in`)
   then the ``x @ W`` guess for plain pytrees), a rules list such as
   ``fan_in.TORCH`` (out-first layouts) or ``fan_in.FLAX_STRICT``, a tree of
   axes, or a callable.
+  ``fan_in.from_computation(apply, params, example_x)`` reads the axes from
+  the model's computation (its jaxpr) instead of its parameter paths.
 
 Neuron-mean momentum (module :mod:`optax_neuron.neuron_mean`)
   ``neuron_mean_trace(decay)`` and ``neuron_mean_sgd(learning_rate, momentum)``:
@@ -54,9 +56,6 @@ The MNIST application (``python -m optax_neuron.mnist``) is the subpackage
 :mod:`optax_neuron.mnist` (extra ``[mnist]``).
 """
 
-import warnings
-from typing import Any
-
 # Fan-in axes.
 from optax_neuron import fan_in
 from optax_neuron.fan_in import fan_in_axes
@@ -86,6 +85,7 @@ from optax_neuron.rso import (
     RSOState,
     channelwise,
     conv_layer,
+    conv_padding,
     dense_layer,
     rso,
     rso_init,
@@ -121,55 +121,8 @@ __all__ = [
     "RSOState",
     "channelwise",
     "conv_layer",
+    "conv_padding",
     "dense_layer",
     "rso",
     "rso_init",
 ]
-
-# Old top-level names, kept for one release: name -> (module, attribute, what to use now).
-_DEPRECATED = {
-    "metrics": ("grad_stats", "collect_metrics", "optax_neuron.collect_metrics"),
-    "resolve_fan_in": (
-        "fan_in",
-        "fan_in_axes",
-        "optax_neuron.fan_in_axes(tree, fan_in) (tree first)",
-    ),
-    "NeuronMeanTraceState": (
-        "neuron_mean",
-        "NeuronMeanTraceState",
-        "optax_neuron.neuron_mean.NeuronMeanTraceState",
-    ),
-    "RunningGradientMeanState": (
-        "grad_stats",
-        "RunningGradientMeanState",
-        "optax_neuron.grad_stats.RunningGradientMeanState",
-    ),
-    "GradientNormsState": (
-        "grad_stats",
-        "GradientNormsState",
-        "optax_neuron.grad_stats.GradientNormsState",
-    ),
-}
-
-
-def __getattr__(name: str) -> Any:
-    """Old names, kept for one release with a ``DeprecationWarning``.
-
-    ``metrics`` -> ``collect_metrics``; ``resolve_fan_in(fan_in, tree)`` ->
-    ``fan_in_axes(tree, fan_in)``; the state classes -> their modules
-    (``optax_neuron.neuron_mean.NeuronMeanTraceState``, ...).
-    """
-    if name not in _DEPRECATED:
-        raise AttributeError(f"module 'optax_neuron' has no attribute {name!r}")
-    module, attribute, use = _DEPRECATED[name]
-    warnings.warn(f"optax_neuron.{name} is deprecated; use {use}", DeprecationWarning, stacklevel=2)
-    if name == "resolve_fan_in":
-        return _resolve_fan_in
-    import importlib
-
-    return getattr(importlib.import_module(f"optax_neuron.{module}"), attribute)
-
-
-def _resolve_fan_in(fan_in: Any, tree: Any) -> Any:
-    """Deprecated: ``fan_in_axes(tree, fan_in)`` with the old argument order."""
-    return fan_in_axes(tree, fan_in)

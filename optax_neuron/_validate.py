@@ -4,6 +4,7 @@ Every check raises one line that names the function, the argument or parameter
 path, what was expected and what came instead:
 
 * :func:`require_floating` / :func:`require_numeric` -- the dtypes of a tree's leaves;
+* :func:`check_float_dtype` -- an ``accumulator_dtype`` / ``mu_dtype`` argument;
 * :func:`check_unit_interval` -- a momentum / decay in ``[0, 1)`` or ``(0, 1)``;
 * :func:`check_learning_rate` -- a number or an ``optax`` schedule;
 * :func:`is_rule_list` / :func:`check_rule_list` -- ``[(glob, value), ...]`` lists.
@@ -26,6 +27,7 @@ import numpy as np
 from optax_neuron._tree import leaves_with_paths
 
 __all__ = [
+    "check_float_dtype",
     "check_learning_rate",
     "check_rule_list",
     "check_unit_interval",
@@ -72,6 +74,28 @@ def require_numeric(tree: Any, who: str, what: str) -> None:
     """
     hint = "integer, boolean and floating-point leaves are measured; mask this one out"
     _require_dtype(tree, who, what, _is_numeric, "numeric", hint)
+
+
+def check_float_dtype(dtype: Any, name: str, who: str | None = None) -> np.dtype | None:
+    """``dtype`` as a NumPy dtype (``None`` stays ``None``); ``ValueError`` unless floating point.
+
+    For the ``accumulator_dtype`` / ``mu_dtype`` arguments: the state kept in that
+    dtype would otherwise be rounded to integers.
+
+    Example:
+      >>> check_float_dtype("bfloat16", "mu_dtype")
+      dtype(bfloat16)
+    """
+    if dtype is None:
+        return None
+    prefix = f"{who}: " if who else ""
+    try:
+        resolved: np.dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"{prefix}{name} must be a floating-point dtype, got {dtype!r}") from None
+    if not jnp.issubdtype(resolved, jnp.inexact):
+        raise ValueError(f"{prefix}{name} must be a floating-point dtype, got {resolved}")
+    return resolved
 
 
 def _is_traced(value: Any) -> bool:

@@ -40,15 +40,22 @@ fan-in axes. That guess is wrong for
 
 * weights stored out-first, ``(out, in, ...)`` (PyTorch, Equinox, ``x @ W.T``):
   it would average over the *outgoing* connections. The default preset refuses
-  a rank >= 2 leaf whose path ends in ``weight`` (the PyTorch/Equinox name) and
-  asks for :data:`TORCH` or a rule; under any other name the layout cannot be
-  told, so give such trees rules, e.g. ``fan_in=[("*", ALL_BUT_FIRST)]``;
+  a rank >= 2 leaf whose path ends in ``weight`` (the PyTorch/Equinox name, nested
+  or dotted as in a state dict: ``fc.weight``) and asks for :data:`TORCH` or a
+  rule; under any other name the layout cannot be told, so give such trees
+  rules, e.g. ``fan_in=[("*", ALL_BUT_FIRST)]``;
 * several output axes, ``(in, out1, out2)`` (``LinearGeneral``, attention
   kernels under names the preset does not know): the fan-in is axis 0 only;
 * kernels whose input axis is not next-to-last, e.g. ``(in, h, w, out)``.
 
 :data:`FLAX_STRICT` has the named rules without the guess: a leaf no rule
 matches raises a ``ValueError`` naming its path.
+
+The model's computation knows what path and rank cannot tell:
+:func:`from_computation` reads every parameter's fan-in axes from the jaxpr of
+the model's apply function (where a kernel meets the activations in a
+``dot_general`` or a convolution), so ``LinearGeneral``, attention and
+out-first layouts need no rule.
 
 Every transformation of the library takes ``fan_in=`` (a :data:`FanIn`) and
 hands it to :func:`fan_in_axes`, which accepts ``None`` (the default preset), a
@@ -59,12 +66,12 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 
+from optax_neuron._fan_in_trace import from_computation
 from optax_neuron._tree import is_none, path_str
 from optax_neuron._validate import is_rule_list
 
@@ -83,6 +90,7 @@ __all__ = [
     "fan_in_axes",
     "fan_in_size",
     "first_match",
+    "from_computation",
     "neuron_shape",
     "path_str",
 ]
@@ -111,10 +119,7 @@ ALL_BUT_FIRST = NamedAxes("ALL_BUT_FIRST", lambda ndim: tuple(range(1, ndim)))
 """Every axis but the first: out-first layouts (PyTorch, Equinox weights)."""
 
 NO_AXES = NamedAxes("NO_AXES", lambda ndim: ())
-"""No fan-in axes: every element is its own neuron (biases, norms, embeddings).
-
-(Called ``NONE`` before 0.2.0; that name still works, with a ``DeprecationWarning``.)
-"""
+"""No fan-in axes: every element is its own neuron (biases, norms, embeddings)."""
 
 Axes = int | Sequence[int] | NamedAxes | Callable[[tuple[int, ...]], Sequence[int]]
 """The fan-in axes of one leaf: ints, a named constant or a callable of the shape."""
@@ -148,7 +153,7 @@ def _by_rank(
 # which is ALL_BUT_LAST already.
 _ATTN_IN = _by_rank({3: (0,)}, ALL_BUT_LAST)
 
-# The default preset refuses a rank >= 2 leaf named `weight`: that is the PyTorch /
+# The default preset refuses a rank >= 2 leaf named `...weight`: that is the PyTorch /
 # Equinox name of an out-first (out, in, ...) weight, for which the `x @ W` guess
 # would average the outgoing connections. Rank <= 1 (norm scales) gets no axes.
 _OUT_FIRST_GUARD = NamedAxes("REFUSE_OUT_FIRST", lambda ndim: ())
@@ -188,14 +193,17 @@ FLAX_STRICT: tuple[Rule, ...] = (
 
 FLAX: tuple[Rule, ...] = (
     *FLAX_STRICT,
-    *_named("weight", _OUT_FIRST_GUARD),
+    # `weight` nested (Equinox, `{"fc": {"weight": ...}}`) or dotted as in a PyTorch
+    # state dict (`fc.weight`, `layer1.0.conv1.weight`): any last path part ending in it.
+    ("*weight", _OUT_FIRST_GUARD),
     # Plain pytrees, by the `x @ W` convention: rank >= 2 every axis but the
     # last, rank <= 1 none (ALL_BUT_LAST gives () for those).
     ("*", ALL_BUT_LAST),
 )
 """Default rules: :data:`FLAX_STRICT`, then the ``x @ W`` guess for any other path.
 
-A rank >= 2 leaf named ``weight`` is refused (out-first layouts need :data:`TORCH`).
+A rank >= 2 leaf whose last path part ends in ``weight`` (``fc/weight``, or a state
+dict's dotted ``fc.weight``) is refused: out-first layouts need :data:`TORCH`.
 """
 
 TORCH: tuple[Rule, ...] = (
@@ -323,7 +331,9 @@ def fan_in_axes(params: Any, fan_in: FanIn = None) -> Any:
         ``x @ W`` guess for other paths); a rules list ``[(glob, axes), ...]``
         (e.g. :data:`TORCH`, :data:`FLAX_STRICT`); a tree with the structure of
         ``params`` whose leaves are axes (tuple, int, named constant or callable
-        of the shape; ``None`` where ``params`` has ``None``); or a callable
+        of the shape; ``None`` where ``params`` has ``None``; matched by key path
+        where it differs from ``params`` only in NNX ``Variable`` wrappers), such
+        as :func:`from_computation` returns; or a callable
         ``params -> rules or tree of axes``.
 
     Returns:
@@ -368,12 +378,19 @@ def _is_axes_leaf(x: Any) -> bool:
 
 def _axes_from_tree(spec_tree: Any, tree: Any) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)
+    reason = ""
     try:
         # Flatten the specs *up to* the parameters' structure, so that tuple
         # containers (Equinox MLP layers, tuple params) and callable pytree
         # nodes (Equinox modules) are walked into rather than taken as specs.
         specs = treedef.flatten_up_to(spec_tree)  # type: ignore[attr-defined]  # not in the stub
     except (ValueError, TypeError) as err:
+        specs = _specs_by_path(spec_tree, [p for p, _ in leaves])
+        reason = str(err)
+    else:
+        if not all(_is_spec(s) for s in specs):  # wrapped axes (NNX Variables): by path
+            specs = _specs_by_path(spec_tree, [p for p, _ in leaves]) or specs
+    if specs is None:
         tree_paths = [path_str(p) for p, _ in leaves]
         spec_leaves = jax.tree_util.tree_flatten_with_path(spec_tree, is_leaf=_is_axes_leaf)[0]
         spec_paths = [path_str(p) for p, _ in spec_leaves]
@@ -382,7 +399,7 @@ def _axes_from_tree(spec_tree: Any, tree: Any) -> Any:
         raise ValueError(
             "the fan_in tree does not match the structure of the parameters: "
             f"parameters without axes: {missing[:5]}, axes without parameters: {extra[:5]} "
-            f"({err})"
+            f"({reason})"
         ) from None
     out: list[tuple[int, ...] | None] = []
     for (key_path, leaf), spec in zip(leaves, specs, strict=True):
@@ -394,8 +411,7 @@ def _axes_from_tree(spec_tree: Any, tree: Any) -> Any:
                 )
             out.append(None)
             continue
-        is_int_list = isinstance(spec, list) and all(isinstance(a, int) for a in spec)
-        if not (_is_axes_leaf(spec) or is_int_list):
+        if not _is_spec(spec):
             raise ValueError(
                 f"the fan_in tree does not match the structure of the parameters: it has "
                 f"{spec!r} for parameter {p!r}, expected axes (int, tuple of ints, named "
@@ -404,6 +420,35 @@ def _axes_from_tree(spec_tree: Any, tree: Any) -> Any:
         shape = _shape(leaf, p)
         out.append(_normalise(_axes_of(spec, shape), shape, p))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _is_spec(spec: Any) -> bool:
+    """An axes leaf, or a list of ints."""
+    return _is_axes_leaf(spec) or (isinstance(spec, list) and all(isinstance(a, int) for a in spec))
+
+
+def _specs_by_path(spec_tree: Any, key_paths: list[Any]) -> list[Any] | None:
+    """The specs of ``spec_tree`` for ``key_paths``, matched by key path, or ``None``.
+
+    A tree of axes and the parameters may differ in a ``Variable`` wrapper around
+    each leaf: ``nnx.Optimizer`` hands ``init`` the parameters inside ``Variable``
+    wrappers and ``update`` plain arrays, while :func:`from_computation` returns a
+    tree shaped like the parameters it was given. Key paths are compared with a
+    trailing ``value`` attribute dropped; every path must be found, once.
+    """
+
+    def key(path: Any) -> tuple[Any, ...]:
+        keys = tuple(path)
+        last = keys[-1] if keys else None
+        unwrapped = isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value"
+        return keys[:-1] if unwrapped else keys
+
+    flat = jax.tree_util.tree_flatten_with_path(spec_tree, is_leaf=_is_axes_leaf)[0]
+    by_key = {key(p): spec for p, spec in flat}
+    wanted = [key(p) for p in key_paths]
+    if len(by_key) != len(flat) or set(by_key) != set(wanted) or len(wanted) != len(flat):
+        return None
+    return [by_key[k] for k in wanted]
 
 
 def neuron_shape(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:
@@ -424,32 +469,3 @@ def fan_in_size(shape: Sequence[int], axes: Sequence[int]) -> int:
       18
     """
     return math.prod(shape[a] for a in axes)
-
-
-# ----------------------------------------------------------------- deprecated names (0.2.0)
-
-
-def resolve_fan_in(fan_in: FanIn, tree: Any) -> Any:
-    """Deprecated since 0.2.0: use ``fan_in_axes(tree, fan_in)`` (arguments swapped)."""
-    warnings.warn(
-        "optax_neuron.resolve_fan_in(fan_in, tree) is deprecated; use "
-        "optax_neuron.fan_in_axes(tree, fan_in) (tree first, like every other function)",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return fan_in_axes(tree, fan_in)
-
-
-_DEPRECATED = {"NONE": ("NO_AXES", NO_AXES)}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _DEPRECATED:
-        new_name, value = _DEPRECATED[name]
-        warnings.warn(
-            f"optax_neuron.fan_in.{name} is deprecated; use optax_neuron.fan_in.{new_name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -50,7 +50,6 @@ cumulative mean as the ``decay=None`` case. :func:`collect_metrics` also reads t
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -58,7 +57,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_neuron._tree import at_least_float32, leaves_with_paths, path_str
-from optax_neuron._validate import check_unit_interval, require_numeric
+from optax_neuron._validate import check_float_dtype, check_unit_interval, require_numeric
 from optax_neuron.fan_in import FanIn, fan_in_axes
 
 __all__ = [
@@ -186,11 +185,9 @@ def running_gradient_mean(
     if emit not in _EMIT:
         raise ValueError(f"running_gradient_mean: emit must be one of {_EMIT}, got {emit!r}")
     check_unit_interval(decay, "decay", "running_gradient_mean", open_low=True, allow_none=True)
-    if accumulator_dtype is not None and not jnp.issubdtype(accumulator_dtype, jnp.inexact):
-        raise ValueError(
-            "running_gradient_mean: accumulator_dtype must be a floating-point dtype, "
-            f"got {accumulator_dtype}"
-        )
+    accumulator_dtype = check_float_dtype(
+        accumulator_dtype, "accumulator_dtype", "running_gradient_mean"
+    )
 
     def init_fn(params: optax.Params) -> RunningGradientMeanState:
         require_numeric(params, "running_gradient_mean", "parameters")
@@ -466,13 +463,3 @@ def collect_metrics(opt_state: Any, *, per_neuron: bool = False) -> dict[str, ja
                 )
             out[key] = v
     return dict(sorted(out.items()))
-
-
-def metrics(opt_state: Any, *, per_neuron: bool = False) -> dict[str, jax.Array]:
-    """Deprecated since 0.2.0: use :func:`collect_metrics` (same arguments)."""
-    warnings.warn(
-        "optax_neuron.metrics is deprecated; use optax_neuron.collect_metrics",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return collect_metrics(opt_state, per_neuron=per_neuron)

@@ -38,10 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_neuron._tree import at_least_float32, path_str
-from optax_neuron._validate import check_unit_interval, require_floating
-from optax_neuron.fan_in import FanIn, fan_in_axes, fan_in_size, neuron_shape
-from optax_neuron.neuron_mean import _fan_in_mean
+from optax_neuron._tree import at_least_float32, fan_in_mean, path_str
+from optax_neuron._validate import check_float_dtype, check_unit_interval, require_floating
+from optax_neuron.fan_in import FanIn, fan_in_axes, neuron_shape
 
 __all__ = ["ScaleByNeuronAdamState", "neuron_adam", "neuron_adamw", "scale_by_neuron_adam"]
 
@@ -84,23 +83,7 @@ def _check_eps(value: Any) -> None:
 def _check_static(first_moment: Any, mu_dtype: Any) -> np.dtype | None:
     if not isinstance(first_moment, str) or first_moment not in FIRST_MOMENTS:
         raise ValueError(f"first_moment must be 'full' or 'neuron', got {first_moment!r}")
-    if mu_dtype is None:
-        return None
-    dtype: np.dtype = jnp.dtype(mu_dtype)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-        raise ValueError(f"mu_dtype must be a floating-point dtype, got {dtype}")
-    return dtype
-
-
-def _neuron_mean(
-    x: jax.Array, axes: tuple[int, ...], shape: tuple[int, ...], dtype: Any
-) -> jax.Array:
-    """Mean of ``x`` over the fan-in ``axes`` (size-1 dims kept), in ``dtype``."""
-    if not axes:
-        return x.astype(dtype)
-    if fan_in_size(x.shape, axes) == 0:  # neurons with no inputs
-        return jnp.zeros(shape, dtype)
-    return _fan_in_mean(x, axes, dtype)
+    return check_float_dtype(mu_dtype, "mu_dtype")
 
 
 def scale_by_neuron_adam(
@@ -202,7 +185,7 @@ def scale_by_neuron_adam(
       [0.01167, 0.01867]
     """
     for beta, name in ((b1, "b1"), (b2, "b2")):
-        if beta is None:  # a ValueError, as 0.1.0 raised (check_unit_interval: TypeError)
+        if beta is None:  # None for a beta is a ValueError here (check_unit_interval: TypeError)
             raise ValueError(f"{name} must be a number in [0, 1), got None")
         check_unit_interval(beta, name, "optax_neuron")
     _check_eps(eps)
@@ -252,12 +235,10 @@ def scale_by_neuron_adam(
             dtype = at_least_float32(g.dtype, m.dtype, v.dtype)
             g32 = g.astype(dtype)
             beta1, beta2 = jnp.asarray(b1, dtype), jnp.asarray(b2, dtype)
-            new_v = beta2 * v.astype(dtype) + (1 - beta2) * _neuron_mean(
-                g32 * g32, ax, shape, dtype
-            )
+            new_v = beta2 * v.astype(dtype) + (1 - beta2) * fan_in_mean(g32 * g32, ax, dtype)
             if per_neuron_mu:
                 direction = (1 - beta1) * g32 + beta1 * m.astype(dtype)
-                new_m = _neuron_mean(direction, ax, shape, dtype)
+                new_m = fan_in_mean(direction, ax, dtype)
             else:
                 direction = new_m = beta1 * m.astype(dtype) + (1 - beta1) * g32
             t = count.astype(dtype)

@@ -30,9 +30,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_neuron._tree import at_least_float32, path_str
-from optax_neuron._validate import check_learning_rate, check_unit_interval, require_floating
-from optax_neuron.fan_in import FanIn, fan_in_axes, fan_in_size, neuron_shape
+from optax_neuron._tree import at_least_float32, fan_in_mean, path_str
+from optax_neuron._validate import (
+    check_float_dtype,
+    check_learning_rate,
+    check_unit_interval,
+    require_floating,
+)
+from optax_neuron.fan_in import FanIn, fan_in_axes, neuron_shape
 
 __all__ = ["NeuronMeanTraceState", "neuron_mean_sgd", "neuron_mean_trace"]
 
@@ -47,32 +52,6 @@ class NeuronMeanTraceState(NamedTuple):
     """
 
     neuron_momentum: optax.Params
-
-
-def _fan_in_mean(g: jax.Array, axes: tuple[int, ...], dtype: Any) -> jax.Array:
-    """Mean of ``g`` over its fan-in ``axes`` (kept as size-1 dims), accumulated in ``dtype``.
-
-    When the fan-in axes lead (Flax layouts) or trail (out-first layouts), the sum is a
-    matrix-vector product with a vector of ones: XLA lowers it to a GEMV that reads ``g``
-    once at memory speed, where XLA:CPU's reduction was measured about twice as slow
-    (``benchmarks/README.md``). Any other axes use :func:`jax.numpy.mean`. Both are
-    float sums of the same numbers; only the order of the additions differs.
-    """
-    n = fan_in_size(g.shape, axes)
-    if axes == tuple(range(len(axes))):
-        matrix, contract = g.reshape(n, -1), 0
-    elif axes == tuple(range(g.ndim - len(axes), g.ndim)):
-        matrix, contract = g.reshape(-1, n), 1
-    else:
-        return jnp.mean(g, axis=axes, keepdims=True, dtype=dtype)
-    total = jax.lax.dot_general(
-        matrix,
-        jnp.ones((n,), g.dtype),
-        (((contract,), (0,)), ((), ())),
-        precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=dtype,
-    )
-    return (total / n).astype(dtype).reshape(neuron_shape(g.shape, axes))
 
 
 def neuron_mean_trace(
@@ -154,12 +133,7 @@ def _trace(
     decay: jax.typing.ArrayLike, nesterov: bool, fan_in: FanIn, accumulator_dtype: Any | None
 ) -> optax.GradientTransformationExtraArgs:
     """:func:`neuron_mean_trace` without the argument check (its callers check ``decay``)."""
-    if accumulator_dtype is not None:
-        accumulator_dtype = jnp.dtype(accumulator_dtype)
-        if not jnp.issubdtype(accumulator_dtype, jnp.inexact):
-            raise ValueError(
-                f"accumulator_dtype must be a floating-point dtype, got {accumulator_dtype}"
-            )
+    accumulator_dtype = check_float_dtype(accumulator_dtype, "accumulator_dtype")
 
     def init_fn(params: optax.Params) -> NeuronMeanTraceState:
         require_floating(params, "neuron-mean momentum", "parameters")
@@ -192,12 +166,7 @@ def _trace(
                     f"{ax}: was the state made with another fan_in or other parameters?"
                 )
             dtype = at_least_float32(g.dtype, m.dtype)
-            if not ax:
-                g_mean = g.astype(dtype)
-            elif fan_in_size(g.shape, ax) == 0:  # neurons with no inputs
-                g_mean = jnp.zeros(m.shape, dtype)
-            else:
-                g_mean = _fan_in_mean(g, ax, dtype)
+            g_mean = fan_in_mean(g, ax, dtype)
             decayed = decay * m
             new_m = g_mean + decayed
             out = g + (decay * new_m if nesterov else decayed)

@@ -1,12 +1,13 @@
-"""Runs the README's multi-host recipe as written, saves what it trained (test_multiprocess).
+"""Runs the scale-out guide's multi-host recipe as written, saves what it trained.
 
 ``python tests/_multiprocess_worker.py OUT.npz``: the recipe is the ```python block that
-follows the marker ``<!-- multi-host recipe -->`` in the README; it is executed unchanged
-(it reads ``NUM_PROCESSES``, ``PROCESS_ID`` and ``COORDINATOR_ADDRESS`` itself). Afterwards
-every process gathers the final parameters, optimizer state, RSO state and last SGD loss to
-the host (``multihost_utils.process_allgather``, a collective every process joins) and
-process 0 writes them to ``OUT.npz``, with the device and process counts and the loss of
-the whole synthetic data set before (``initial_loss``) and after (``final_loss``) training.
+follows the marker ``<!-- multi-host recipe -->`` in ``docs/guides/scale_out.md``; it is
+executed unchanged (it reads ``NUM_PROCESSES``, ``PROCESS_ID`` and ``COORDINATOR_ADDRESS``
+itself). Afterwards every process gathers the final parameters, optimizer state, RSO state
+and last SGD loss to the host (``multihost_utils.process_allgather``, a collective every
+process joins) and process 0 writes them to ``OUT.npz``, with the device and process counts
+and the loss of the whole synthetic data set before (``initial_loss``) and after
+(``final_loss``) training.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import re
 import sys
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "docs", "guides", "scale_out.md")
 MARKER = "<!-- multi-host recipe -->"
 
 

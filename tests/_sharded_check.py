@@ -8,7 +8,7 @@ Runs in its own process(es), with the devices made by the caller before JAX star
   ``SHARDED_CHECK_PROCESS_ID=<i>``).
 
 Either way the mesh is ``jax.make_mesh((4,), ("x",))`` over all four devices. For every
-axis type (``Auto``, ``Explicit``), every layout and every case of
+axis type (``Auto``, ``Explicit``; ``--axes`` picks some), every layout and every case of
 ``tests/test_conformance.CASES`` it trains a small model (``tanh(x @ k1 + b1) @ k2``, a
 squared error on a batch of 16) for three jitted steps; gradient pieces get
 ``jax.grad`` of the loss, RSO the loss itself as ``value_fn``. Layouts:
@@ -176,7 +176,13 @@ def place(mesh, layout, params, x, y):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    parser.add_argument(
+        "--axes", default=",".join(AXIS_TYPES), help="comma-separated axis types (default: all)"
+    )
     args = parser.parse_args()
+    axes = args.axes.split(",")
+    unknown = sorted(set(axes) - set(AXIS_TYPES))
+    assert not unknown, f"--axes: unknown axis types {unknown}; choose from {list(AXIS_TYPES)}"
     assert jax.device_count() == 4, jax.devices()
     cases = [c for c in CASES if args.cases is None or c.name in args.cases.split(",")]
     params, x, y = problem()
@@ -185,6 +191,8 @@ def main() -> None:
 
     out = {"process_count": jax.process_count(), "runs": {}}
     for axis_name, axis_type in AXIS_TYPES.items():
+        if axis_name not in axes:
+            continue
         mesh = jax.make_mesh((4,), ("x",), axis_types=(axis_type,))
         for layout in LAYOUTS:
             for case in cases:

@@ -1,4 +1,4 @@
-"""Smoke tests: every benchmark script of issue 8 runs (``--quick``) and prints sane tables.
+"""Smoke tests: every benchmark script runs (``--quick``) and prints sane tables.
 
 No timing is asserted (speed belongs in the benchmarks themselves); the checks
 are that each script finishes, prints its table, and reports finite positive

@@ -1,4 +1,4 @@
-"""Checkpoints: every optimizer state saved and restored with Orbax mid-run (issue 9).
+"""Checkpoints: every optimizer state saved and restored with Orbax mid-run.
 
 For every case of the conformance registry: run 2 jitted steps, save params
 and optimizer state with ``orbax.checkpoint.StandardCheckpointer``, restore

@@ -11,6 +11,8 @@ respect to ``k`` is non-zero. Parameters are built by the real libraries
 
 from __future__ import annotations
 
+import re
+
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -35,6 +37,7 @@ from optax_neuron.fan_in import (
     neuron_shape,
     path_str,
 )
+from optax_neuron.neuron_mean import neuron_mean_sgd
 
 
 def _is_axes(x):
@@ -527,7 +530,7 @@ def test_unmatched_leaf_names_path_in_one_line():
         fan_in_axes(params, FLAX_STRICT)
     message = str(err.value)
     assert "\n" not in message and "(2, 3)" in message
-    # The long preset is counted, not listed glob by glob (issue 14: "30 globs listed").
+    # The long preset is counted, not listed glob by glob (a 30-glob list is unreadable).
     assert f"none of the {len(FLAX_STRICT)} rules" in message and "'*/bias'" not in message
     assert "fan_in=None" in message  # says how to get the x @ W guess
     # A short rules list is listed.
@@ -593,6 +596,48 @@ def test_default_refuses_out_first_weight_names():
     # A user rule ahead of the preset settles an (in, out) `weight`.
     rules = [("*weight", ALL_BUT_LAST), *FLAX]
     assert fan_in_axes(params, rules)["layers"][0]["weight"] == (0,)
+
+
+# A ResNet-style PyTorch state dict (shapes only): keys are dotted, weights out-first.
+_RESNET_STATE_DICT = {
+    "conv1.weight": (8, 3, 7, 7),
+    "bn1.weight": (8,),
+    "bn1.bias": (8,),
+    "bn1.running_mean": (8,),
+    "bn1.running_var": (8,),
+    "bn1.num_batches_tracked": (),
+    "layer1.0.conv1.weight": (8, 8, 3, 3),
+    "layer1.0.bn1.weight": (8,),
+    "layer1.0.downsample.0.weight": (8, 8, 1, 1),
+    "fc.weight": (10, 8),
+    "fc.bias": (10,),
+}
+
+
+@pytest.mark.parametrize("name", ["fc.weight", "conv1.weight", "layer1.0.conv1.weight"])
+def test_default_refuses_dotted_out_first_weight_names(name):
+    # A state dict's dotted key must not get the x @ W guess: for fc.weight (10, 8)
+    # it would average over the 10 outputs and keep 8 "neurons".
+    leaf = np.zeros(_RESNET_STATE_DICT[name])
+    with pytest.raises(ValueError, match=rf"'{re.escape(name)}' \(shape .*fan_in\.TORCH") as err:
+        fan_in_axes({name: leaf})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=re.escape(name)):  # also through a transformation
+        neuron_mean_sgd(0.1).init({name: jnp.zeros(leaf.shape)})
+
+
+def test_torch_reads_a_dotted_state_dict():
+    state_dict = {k: np.zeros(shape) for k, shape in _RESNET_STATE_DICT.items()}
+    with pytest.raises(ValueError, match="TORCH"):
+        fan_in_axes(state_dict)
+    # Out-first: every axis but the first is fan-in; rank <= 1 entries have none.
+    expected = {
+        k: tuple(range(1, len(s))) if len(s) >= 2 else () for k, s in _RESNET_STATE_DICT.items()
+    }
+    assert expected["fc.weight"] == (1,) and expected["conv1.weight"] == (1, 2, 3)
+    assert fan_in_axes(state_dict, TORCH) == expected
+    # Rank-1 dotted weights (BatchNorm scales) pass under the default preset too.
+    assert fan_in_axes({"bn1.weight": np.zeros(8)}) == {"bn1.weight": ()}
 
 
 def test_rules_after_the_catch_all_are_refused():

@@ -499,7 +499,7 @@ def test_momentum_of_the_wrong_type_raises_a_type_error(bad):
 
 @pytest.mark.parametrize("bad", ["abc", None, True, [0.1], "0.1"])
 def test_learning_rate_of_the_wrong_type_raises_one_line(bad):
-    # Issue 14: neuron_mean_sgd('abc') raised "Only integer scalar arrays can be converted".
+    # One line naming the argument, not JAX's "Only integer scalar arrays can be converted".
     with pytest.raises(TypeError) as err:
         neuron_mean_sgd(bad)
     message = str(err.value)

@@ -44,6 +44,15 @@ def test_every_notebook_is_a_jupytext_pair():
         assert "format_name: percent" in text and "\n# %%" in text, f"{name}: not py:percent"
 
 
+def test_the_docs_list_every_notebook():
+    # The notebooks page of the site holds the table; the README points to it.
+    page = (NOTEBOOKS.parent / "docs" / "notebooks.md").read_text()
+    for name in SOURCES:
+        stem = Path(name).stem
+        assert f"[`{stem}`](notebooks/{stem}.ipynb)" in page, f"docs/notebooks.md's table: {stem}"
+    assert "docs/notebooks.md" in (NOTEBOOKS.parent / "README.md").read_text()
+
+
 @pytest.mark.parametrize("name", SOURCES)
 def test_pair_has_the_same_cells(name):
     source = read(NOTEBOOKS / name)
@@ -106,7 +115,7 @@ def test_a_raising_cell_fails_the_run(tmp_path):
         execute(path, timeout=60)
 
 
-# ----------------------------------------------------------------- plot helpers (issue 14, 8)
+# ----------------------------------------------------------------- plot helpers
 
 
 def test_cell_grid_shows_every_element_of_a_conv_window():

@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) for the library's invariants (issue 9).
+"""Property tests (hypothesis) for the library's invariants.
 
 * neuron-mean momentum: for random shapes, random fan-in axes, random
   momentum and Nesterov, the per-neuron state reproduces the TensorFlow

@@ -1,4 +1,4 @@
-"""Robustness: NaN/Inf, empty trees, zero-size leaves, integer leaves, float16 fan-in (issue 9).
+"""Robustness: NaN/Inf, empty trees, zero-size leaves, integer leaves, float16 fan-in.
 
 What each piece does with a non-finite gradient (also in the README table):
 

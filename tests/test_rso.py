@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _rso_nets import batch_norm, conv, small_cnn_params
 
 from optax_neuron import LayerStack, RSOState, conv_layer, dense_layer, rso, rso_init
 
@@ -328,33 +329,14 @@ def test_one_compilation_across_calls():
 # ------------------------------------------------------------ layer-stacked fast path
 
 
-def _bn(p, h):
-    mean = h.mean(axis=(0, 1, 2))
-    var = h.var(axis=(0, 1, 2))
-    return (h - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
-
-
-def _conv(p, h):
-    return jax.lax.conv_general_dilated(
-        h, p["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-
-
 def _small_cnn():
-    ch = 4
-    params = {
-        "conv0": {"kernel": jnp.zeros((3, 3, 1, ch))},
-        "bn0": {"scale": jnp.ones(ch), "bias": jnp.zeros(ch)},
-        "conv1": {"kernel": jnp.zeros((3, 3, ch, ch))},
-        "bn1": {"scale": jnp.ones(ch), "bias": jnp.zeros(ch)},
-        "head": {"kernel": jnp.zeros((ch, 3)), "bias": jnp.zeros(3)},
-    }
-    params = rso_init(jax.random.key(0), params)
+    """The small net (4 channels, a head bias) as plain layers: the norms run from the cache."""
+    params = small_cnn_params(jax.random.key(0), ch=4, classes=3, head_bias=True)
     layers = [
-        lambda p, h: _conv(p["conv0"], h),
-        lambda p, h: jax.nn.relu(_bn(p["bn0"], h)),
-        lambda p, h: _conv(p["conv1"], h),
-        lambda p, h: jax.nn.relu(_bn(p["bn1"], h)).mean(axis=(1, 2)),
+        lambda p, h: conv(h, p["conv0"]["kernel"]),
+        lambda p, h: jax.nn.relu(batch_norm(h, p["bn0"]["scale"], p["bn0"]["bias"])),
+        lambda p, h: conv(h, p["conv1"]["kernel"]),
+        lambda p, h: jax.nn.relu(batch_norm(h, p["bn1"]["scale"], p["bn1"]["bias"])).mean((1, 2)),
         lambda p, h: h @ p["head"]["kernel"] + p["head"]["bias"],
     ]
     return params, layers
@@ -506,6 +488,25 @@ def test_default_search_and_order_rules():
     del value_fn
 
 
+def test_default_search_is_the_fan_in_default_plus_norms():
+    # a plain pytree: the x @ W matrix W1 has fan-in axes (axis 0) under the default preset
+    params = rso_init(jax.random.key(0), {"W1": jnp.zeros((4, 3)), "b1": jnp.zeros(3)})
+    tx = rso(sigma=0.1, weights_per_step=12)
+    state = tx.init(params)
+    assert set(state.rso_sigma) == {"W1"}
+    x = jax.random.normal(jax.random.key(1), (8, 4))
+    value_fn = lambda p: jnp.sum((x @ p["W1"] + p["b1"] - 1.0) ** 2)
+    updates, state = tx.update(params, state, params, value_fn=value_fn)
+    assert int(state.rso_accepted["W1"]) > 0 and not np.any(np.asarray(updates["b1"]))
+    # kernels yes, dense biases and embeddings (no fan-in axes) no, norm scale and shift yes
+    tree = {
+        "embed": {"embedding": jnp.ones((10, 4))},
+        "dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)},
+        "norm": {"scale": jnp.ones(3), "bias": jnp.ones(3)},
+    }
+    assert set(rso(sigma=0.1).init(tree).rso_sigma) == {"dense/kernel", "norm/scale", "norm/bias"}
+
+
 def test_nnx_optimizer_trains_a_flax_model():
     nnx = pytest.importorskip("flax.nnx")
     model = nnx.Sequential(
@@ -606,152 +607,11 @@ def test_bad_input_errors():
     assert isinstance(state, RSOState)
 
 
-# ------------------------------------------------------------- speculative batching
-
-
-def test_speculative_matches_reference_loop():
-    # The setup of test_bit_for_bit_against_reference_loop:
-    # 57 of 63 proposals accepted, a cycle wrap.
-    params = _mlp_params(jax.random.key(0))
-    x, y = _data(jax.random.key(1))
-    loss = jax.jit(lambda p: _ce(_mlp_logits(p, x), y))
-    anneal = optax.linear_schedule(1.0, 0.5, 2)
-    wps, calls = 7, 9
-    ref = reference_rso(
-        params,
-        loss,
-        seed=3,
-        weights_per_step=wps,
-        calls=calls,
-        sigma={"l0/kernel": 0.5, "l1/kernel": 0.3},
-        anneal=lambda c: float(anneal(c)),
-        visit=["l1/kernel", "l0/kernel"],
-    )
-    assert ref[-1][2] == 1 and sum(ref[-1][3].values()) > 40
-    for m in (2, 8):
-        tx = rso(
-            seed=3,
-            weights_per_step=wps,
-            sigma=[("l0/*", 0.5), ("l1/*", 0.3)],
-            anneal=anneal,
-            speculate=m,
-        )
-        got = _run(tx, params, lambda: lambda q: _ce(_mlp_logits(q, x), y), calls)
-        for (p, s, _), (rp, cursor, cycle, acc) in zip(got, ref, strict=True):
-            _assert_same(p, rp)
-            assert int(s.rso_cursor) == cursor and int(s.rso_cycle) == cycle
-            assert {k: int(v) for k, v in s.rso_accepted.items()} == acc
-            # the vmapped evaluation may round the loss differently in the last place
-            # (no decision flipped)
-            np.testing.assert_allclose(float(s.rso_loss), float(loss(p)), rtol=1e-6)
-
-
-def test_speculative_reevaluates_after_an_acceptance():
-    # loss (sum(w) - 6)^2 from sum 8, sigma 1: against the starting point every weight with |dw| < 4
-    # improves, so a round of 8 holds several improving weights; after the first acceptance the
-    # later ones must be re-evaluated (accepting all improving ones at once overshoots).
-    params = {"d": {"kernel": jnp.ones((2, 4), jnp.float32)}}
-    value_fn = lambda p: (jnp.sum(p["d"]["kernel"]) - 6.0) ** 2
-    wps, calls = 16, 2
-    got = _run(
-        rso(seed=2, weights_per_step=wps, sigma=1.0, speculate=8), params, lambda: value_fn, calls
-    )
-    ref = reference_rso(
-        params,
-        jax.jit(value_fn),
-        seed=2,
-        weights_per_step=wps,
-        calls=calls,
-        sigma={"d/kernel": 1.0},
-        anneal=lambda c: 1.0,
-        visit=["d/kernel"],
-    )
-    for (p, s, _), (rp, cursor, cycle, acc) in zip(got, ref, strict=True):
-        _assert_same(p, rp)
-        assert (int(s.rso_cursor), int(s.rso_cycle)) == (cursor, cycle)
-        assert {k: int(v) for k, v in s.rso_accepted.items()} == acc
-    # by hand: the first round's 8 proposals against the starting point, and the naive batch result
-    base = jax.random.key(2)
-    dws = [
-        np.float32(
-            jax.random.normal(
-                jax.random.split(jax.random.fold_in(jax.random.fold_in(base, 0), n))[0],
-                (),
-                jnp.float32,
-            )
-        )
-        for n in range(8)
-    ]
-    improving = [abs(8.0 - abs(dw) - 6.0) < 2.0 for dw in dws]
-    assert sum(improving) >= 2
-    naive = 1.0 - np.where(improving, np.abs(dws), 0.0)
-    first_round = np.asarray(
-        got[0][0]["d"]["kernel"]
-    ).ravel()  # the first call ends cycle 0 (8 weights) ...
-    assert not np.array_equal(first_round, naive)  # ... and is not the accept-all-at-once result
-    assert sum(ref[-1][3].values()) >= 3
-
-
-def test_speculative_on_the_other_paths():
-    # LayerStack (incremental; "cache" runs the same round code) and a fresh minibatch per weight:
-    # the weights of the plain reference loop.
-    params = _mlp_params(jax.random.key(4), sizes=(6, 5, 3))
-    x, y = _data(jax.random.key(5))
-    layers = [
-        dense_layer("l0/kernel"),
-        lambda p, h: jnp.tanh(h + p["l0"]["bias"]),
-        dense_layer("l1/kernel"),
-        lambda p, h: h + p["l1"]["bias"],
-    ]
-    data_x, data_y = _data(jax.random.key(6), n=100)
-
-    def sampled_loss(p, key):
-        idx = jax.random.randint(key, (16,), 0, 100)
-        return _ce(_mlp_logits(p, data_x[idx]), data_y[idx])
-
-    black_box = jax.jit(lambda p: _ce(_mlp_logits(p, x), y))
-    cases = [
-        ({}, lambda: LayerStack(layers, _ce, x, y), black_box),
-        ({"per_weight_batch": True}, lambda: sampled_loss, jax.jit(sampled_loss)),
-    ]
-    sigma = {"l0/kernel": 0.4, "l1/kernel": 0.4}
-    for kw, vf, ref_loss in cases:
-        got = _run(rso(seed=1, weights_per_step=12, sigma=0.4, speculate=4, **kw), params, vf, 4)
-        ref = reference_rso(
-            params,
-            ref_loss,
-            seed=1,
-            weights_per_step=12,
-            calls=4,
-            sigma=sigma,
-            anneal=lambda c: 1.0,
-            visit=["l1/kernel", "l0/kernel"],
-            **kw,
-        )
-        for (p, s, _), (rp, cursor, _, acc) in zip(got, ref, strict=True):
-            _assert_same(
-                p, rp
-            )  # (incremental: rounding-only loss differences, no flip on this setup)
-            assert int(s.rso_cursor) == cursor
-            assert {k: int(v) for k, v in s.rso_accepted.items()} == acc
-        assert sum(ref[-1][3].values()) > 5, kw
-
-
-@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "8", None])
-def test_bad_speculate(bad):
-    with pytest.raises(ValueError, match="speculate must be a positive int"):
-        rso(speculate=bad)
-
-
 def test_structural_args_injected_by_inject_hyperparams_get_a_clear_error():
     # optax.inject_hyperparams turns every numeric argument into an array unless it is static;
     # the integers that shape the search must say so instead of failing deep inside.
     params = {"dense": {"kernel": jnp.arange(6.0).reshape(3, 2)}}
     with pytest.raises(TypeError, match=r"rso: weights_per_step .*static_args"):
-        optax.inject_hyperparams(rso, static_args=("seed", "speculate"))(weights_per_step=2).init(
-            params
-        )
-    tx = optax.inject_hyperparams(rso, static_args=("seed", "weights_per_step", "speculate"))(
-        weights_per_step=2
-    )
+        optax.inject_hyperparams(rso, static_args=("seed",))(weights_per_step=2).init(params)
+    tx = optax.inject_hyperparams(rso, static_args=("seed", "weights_per_step"))(weights_per_step=2)
     assert tx.init(params).inner_state.rso_cursor == 0

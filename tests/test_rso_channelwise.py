@@ -13,20 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _rso_nets import bn_layer, ce
 
 from optax_neuron import LayerStack, channelwise, conv_layer, dense_layer, rso, rso_init
-from optax_neuron.rso.evaluators import Change, Incremental
+from optax_neuron._tree import leaves_with_paths
+from optax_neuron.rso.evaluators import Change, Incremental, Target
 
 RTOL = 2e-5  # measured: at most 7.6e-8 relative (float32 rounding, another summation order)
-
-
-def _bn(name):
-    def f(p, h):
-        mean = h.mean(axis=(0, 1, 2))
-        var = h.var(axis=(0, 1, 2))
-        return (h - mean) * jax.lax.rsqrt(var + 1e-5) * p[name]["scale"] + p[name]["bias"]
-
-    return channelwise(f, per_channel=[f"{name}/scale", f"{name}/bias"])
 
 
 relu = channelwise(lambda p, h: jax.nn.relu(h))
@@ -51,22 +44,21 @@ def _net(ch=4):
     # the official layout: conv, [pool], BN; ReLU opens the next conv; global pool, dense
     layers = [
         conv_layer("conv0/kernel"),
-        _bn("bn0"),
+        bn_layer("bn0"),
         relu,
         conv_layer("conv1/kernel"),
         pool,
-        _bn("bn1"),
+        bn_layer("bn1"),
         relu,
         conv_layer("conv2/kernel"),
-        _bn("bn2"),
+        bn_layer("bn2"),
         global_pool,
         dense_layer("head/kernel"),
     ]
     return params, layers
 
 
-def _ce(logits, y):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+_ce = ce
 
 
 def _data(n=16, seed=1):
@@ -74,41 +66,68 @@ def _data(n=16, seed=1):
     return jax.random.normal(kx, (n, 8, 8, 1)), jax.random.randint(ky, (n,), 0, 5)
 
 
-@pytest.mark.parametrize("k,path,m", [(0, "conv0", 3), (3, "conv1", 7), (7, "conv2", 10)])
-def test_incremental_loss_and_commit_match_full_evaluation(k, path, m):
+def _target(params, path):
+    paths = [p for p, _ in leaves_with_paths(params)[0]]
+    leaf = leaves_with_paths(params)[0][paths.index(path)][1]
+    return Target(leaves_with_paths(params)[1], paths.index(path), path, leaf.shape)
+
+
+def _cached_inputs(ev, cache):
+    """``{layer i: its input}`` (channels last) from the named fields of the cache."""
+    last = lambda x: jnp.moveaxis(x, 0, -1)
+    out = {ev.k: last(cache.owner_in), ev.k + 1: last(cache.owner_out)}
+    if cache.next_in is not None:
+        out[ev.m] = last(cache.next_in)
+    if cache.next_out is not None:
+        out[ev.m + 1] = cache.next_out
+    return out
+
+
+def _change(params, target, flat, deltas):
+    w = params[target.path.split("/")[0]][target.path.split("/")[1]].ravel()[flat]
+    values = w + jnp.asarray(deltas, jnp.float32)
+    return Change(flat, values, (values - w).astype(jnp.float32), jax.random.key(0))
+
+
+@pytest.mark.parametrize(
+    "k,path,m",
+    [(0, "conv0/kernel", 3), (3, "conv1/kernel", 7), (7, "conv2/kernel", 10),
+     (1, "bn0/scale", 3), (5, "bn1/bias", 7), (8, "bn2/scale", 10)],
+)  # fmt: skip
+def test_incremental_scores_and_commit_match_full_evaluation(k, path, m):
     params, layers = _net()
     x, y = _data()
     stack = LayerStack(layers, _ce, x, y)
-    kshape = params[path]["kernel"].shape
-    ev = Incremental(stack, k, kshape)
+    target = _target(params, path)
+    ev = Incremental(stack, k, target)
+    assert Incremental.applies(stack, k, target)
     assert ev.m == m and ev.linear_m  # the path runs through the channel-wise layers
 
     @jax.jit
-    def check(flat, delta):
+    def check(flat, deltas):
+        change = _change(params, target, flat, deltas)
+        moved = [target.moved(params, flat, v) for v in change.values]
         cache = ev.start(params)
-        moved = {
-            **params,
-            path: {"kernel": params[path]["kernel"].ravel().at[flat].add(delta).reshape(kshape)},
-        }
-        change = Change(flat, delta, jax.random.key(0))
-        got = ev.loss(moved, cache, change)
-        kept = ev.commit(moved, cache, change, False)
-        committed = ev.commit(moved, cache, change, True)
-        return got, stack(moved), kept, committed, tuple(stack.activations(moved)[0]), cache
+        losses, aux = ev.scores(params, cache, change)
+        first = jax.tree.map(lambda a: a[0], aux)
+        kept = ev.commit(params, cache, first, False)
+        committed = ev.commit(params, cache, first, True)
+        want = [stack(p) for p in moved]
+        return losses, want, kept, committed, stack.activations(moved[0])[0], cache
 
     worst = 0.0
-    size = int(np.prod(kshape))
+    size = int(np.prod(target.shape))
     for flat, delta in [(0, 0.3), (size // 3, -0.7), (size - 1, 1.5), (size // 2, 0.0)]:
-        got, expect, kept, committed, acts, cache = check(jnp.int32(flat), jnp.float32(delta))
-        worst = max(worst, abs(float(got) - float(expect)) / abs(float(expect)))
-        np.testing.assert_allclose(float(got), float(expect), rtol=RTOL)
-        for a, b in zip(kept, cache, strict=True):  # not applied: the cache is unchanged
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        # the cache holds the inputs of layers k, k+1, m and m+1 (channel-major but the last)
-        view = ev.view(committed)
-        assert sorted(view) == sorted({k, k + 1, m, m + 1})
-        for j, x in view.items():  # applied: the cached activations of the moved params
-            np.testing.assert_allclose(np.asarray(x), np.asarray(acts[j]), rtol=1e-4, atol=1e-5)
+        got, want, kept, committed, acts, cache = check(jnp.int32(flat), [delta, -delta])
+        for g, w in zip(got, want, strict=True):
+            worst = max(worst, abs(float(g) - float(w)) / abs(float(w)))
+            np.testing.assert_allclose(float(g), float(w), rtol=RTOL)
+        for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(cache), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # not applied: unchanged
+        inputs = _cached_inputs(ev, committed)
+        assert sorted(inputs) == sorted({k, k + 1, m, m + 1})
+        for j, h in inputs.items():  # applied: the cached activations of the moved params
+            np.testing.assert_allclose(np.asarray(h), np.asarray(acts[j]), rtol=1e-4, atol=1e-5)
     print(f"{path}: max relative loss difference {worst:.2e}")
 
 
@@ -127,18 +146,23 @@ def test_incremental_between_two_adjacent_linear_layers():
     ]
     x, y = _data()
     stack = LayerStack(layers, _ce, jnp.concatenate([x, -x], axis=-1), y)
-    ev = Incremental(stack, 0, (3, 3, 2, 3))
-    assert ev.m == 1 and ev.linear_m and ev.cached == (0, 1, 2)
+    target = _target(params, "a/kernel")
+    ev = Incremental(stack, 0, target)
     cache = ev.start(params)
+    assert ev.m == 1 and ev.linear_m and cache.next_in is None
+
+    @jax.jit
+    def check(flat, deltas):
+        change = _change(params, target, flat, deltas)
+        moved = target.moved(params, change.flat_index, change.values[0])
+        losses, aux = ev.scores(params, cache, change)
+        committed = ev.commit(params, cache, jax.tree.map(lambda a: a[0], aux), True)
+        return losses[0], stack(moved), stack.activations(moved)[0], committed
+
     for flat, delta in [(0, 0.4), (25, -1.1), (53, 2.0)]:
-        moved = {**params, "a": {"kernel": params["a"]["kernel"].ravel().at[flat].add(delta)}}
-        moved["a"]["kernel"] = moved["a"]["kernel"].reshape(3, 3, 2, 3)
-        change = Change(jnp.int32(flat), jnp.float32(delta), jax.random.key(0))
-        np.testing.assert_allclose(
-            float(ev.loss(params, cache, change)), float(stack(moved)), rtol=RTOL
-        )
-        acts = stack.activations(moved)[0]
-        for j, got in ev.view(ev.commit(params, cache, change, True)).items():
+        got_loss, want_loss, acts, committed = check(jnp.int32(flat), [delta])
+        np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=RTOL)
+        for j, got in _cached_inputs(ev, committed).items():
             np.testing.assert_allclose(np.asarray(got), np.asarray(acts[j]), rtol=1e-4, atol=1e-5)
 
 

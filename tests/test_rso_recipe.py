@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _rso_nets import small_cnn_loss, small_cnn_params
 
 from optax_neuron import rso, rso_init
 
@@ -183,42 +184,14 @@ def test_mlp_recipe_matches_reference(weight_decay):
         assert first_call.ravel()[_neuron_order_dense((4, 3))[:9]].all()
 
 
-def _bn(h, scale, bias):
-    mean = h.mean(axis=(0, 1, 2))
-    var = h.var(axis=(0, 1, 2))
-    return (h - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
-
-
-def _conv(h, k):
-    return jax.lax.conv_general_dilated(
-        h, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-
-
 def test_conv_net_official_order_matches_reference():
     # The official layout in small: conv -> BN -> relu -> conv -> BN -> global pool -> dense;
     # leaf order: dense first, then convs last to first, each kernel before its BN shift/scale.
     ch = 3
-    params = rso_init(
-        jax.random.key(3),
-        {
-            "conv0": {"kernel": jnp.zeros((3, 3, 1, ch))},
-            "bn0": {"scale": jnp.ones(ch), "bias": jnp.zeros(ch)},
-            "conv1": {"kernel": jnp.zeros((3, 3, ch, ch))},
-            "bn1": {"scale": jnp.ones(ch), "bias": jnp.zeros(ch)},
-            "head": {"kernel": jnp.zeros((ch, 4))},
-        },
-    )
+    params = small_cnn_params(jax.random.key(3), ch=ch, classes=4)
     kx, ky = jax.random.split(jax.random.key(4))
     x, y = jax.random.normal(kx, (8, 6, 6, 1)), jax.random.randint(ky, (8,), 0, 4)
-
-    def loss(p):
-        p = jax.tree.map(jnp.asarray, p)
-        h = _bn(_conv(x, p["conv0"]["kernel"]), p["bn0"]["scale"], p["bn0"]["bias"])
-        h = _bn(_conv(jax.nn.relu(h), p["conv1"]["kernel"]), p["bn1"]["scale"], p["bn1"]["bias"])
-        logits = h.mean(axis=(1, 2)) @ p["head"]["kernel"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
-
+    loss = small_cnn_loss(x, y, reduce="sum")
     jloss = jax.jit(loss)
     order = [
         "head/kernel",
@@ -282,8 +255,6 @@ def test_recipe_bad_input():
         rso(weight_decay=-0.1)
     with pytest.raises(ValueError, match="weight_decay"):
         rso(weight_decay=float("nan"))
-    with pytest.raises(ValueError, match="speculate"):
-        rso(weight_decay=1e-4, speculate=4)
     with pytest.raises(ValueError, match="sigma"):
         rso(sigma="xavier")
     with pytest.raises(ValueError, match=r"d/kernel.*'he'"):

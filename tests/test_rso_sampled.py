@@ -18,70 +18,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _rso_nets import ce, small_cnn_layers, small_cnn_params, small_cnn_stages
 
-from optax_neuron import LayerStack, channelwise, conv_layer, dense_layer, rso, rso_init
+from optax_neuron import LayerStack, rso
 
 N, B, CH = 40, 12, 3
 
 
-def _bn(h, scale, bias):
-    mean = h.mean(axis=(0, 1, 2))
-    var = h.var(axis=(0, 1, 2))
-    return (h - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
-
-
-def _conv(h, k):
-    return jax.lax.conv_general_dilated(
-        h, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-
-
-def _ce(logits, y):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-# the net, stage by stage: conv0 -> BN0 -> relu -> conv1 -> BN1 -> global pool -> head
-STAGES = [
-    lambda p, h: _conv(h, p["conv0"]["kernel"]),
-    lambda p, h: _bn(h, p["bn0"]["scale"], p["bn0"]["bias"]),
-    lambda p, h: jax.nn.relu(h),
-    lambda p, h: _conv(h, p["conv1"]["kernel"]),
-    lambda p, h: _bn(h, p["bn1"]["scale"], p["bn1"]["bias"]),
-    lambda p, h: h.mean(axis=(1, 2)),
-    lambda p, h: h @ p["head"]["kernel"],
-]
+STAGES = small_cnn_stages()  # conv0 -> BN0 -> relu -> conv1 -> BN1 -> global pool -> head
 OWNER = {"conv0": 0, "bn0": 1, "conv1": 3, "bn1": 4, "head": 6}
-
-
-def _package_layers():
-    def bn(name):
-        return channelwise(
-            lambda p, h: _bn(h, p[name]["scale"], p[name]["bias"]),
-            per_channel=[f"{name}/scale", f"{name}/bias"],
-        )
-
-    return [
-        conv_layer("conv0/kernel"),
-        bn("bn0"),
-        channelwise(lambda p, h: jax.nn.relu(h)),
-        conv_layer("conv1/kernel"),
-        bn("bn1"),
-        channelwise(lambda p, h: h.mean(axis=(1, 2))),
-        dense_layer("head/kernel"),
-    ]
+_package_layers = small_cnn_layers
+_ce = ce
 
 
 def _setup():
-    params = rso_init(
-        jax.random.key(3),
-        {
-            "conv0": {"kernel": jnp.zeros((3, 3, 1, CH))},
-            "bn0": {"scale": jnp.ones(CH), "bias": jnp.zeros(CH)},
-            "conv1": {"kernel": jnp.zeros((3, 3, CH, CH))},
-            "bn1": {"scale": jnp.ones(CH), "bias": jnp.zeros(CH)},
-            "head": {"kernel": jnp.zeros((CH, 4))},
-        },
-    )
+    params = small_cnn_params(jax.random.key(3), ch=CH, classes=4)
     kx, ky = jax.random.split(jax.random.key(4))
     return params, jax.random.normal(kx, (N, 6, 6, 1)), jax.random.randint(ky, (N,), 0, 4)
 

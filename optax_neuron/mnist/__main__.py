@@ -2,11 +2,14 @@
 
 With no arguments it runs the demo: neuron-mean momentum (learning rate 0.1,
 momentum 0.9, cosine decay, batch 64) on the ``cnn`` model, 4 epochs on real
-MNIST. ``--help`` lists every option. The last line printed is the final test
-accuracy. Every argument, path and checkpoint is checked before training
-starts: bad input gives one ``error:`` line on stderr and exit code 2 (a flag
-that does not apply to the chosen optimizer included). Ctrl-C ends with one
-line saying where to resume from (exit code 130).
+MNIST. ``--help`` lists every option; the settings of a run and the optimizers
+each applies to are the table :data:`optax_neuron.mnist.settings.FLAGS`. The
+last line printed is the final test accuracy, or, after ``--stop-after``, that
+the run is unfinished and the command that continues it. Every argument, path
+and checkpoint is checked before training starts: bad input gives one
+``error:`` line on stderr and exit code 2 (a flag that does not apply to the
+chosen optimizer included). Ctrl-C or SIGTERM ends with one line saying where
+to resume from (exit code 130 or 143).
 
 Examples::
 
@@ -20,17 +23,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import shlex
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 PROG = "optax-neuron-mnist"
+EXTRA_MODULES = ("flax", "orbax.checkpoint", "tqdm", "matplotlib", "tensorboardX")
+"""What the application needs beyond the library: the ``[mnist]`` extra."""
 
 
 class UsageError(Exception):
     """A bad command line; reported as one line, exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``docker stop``, ``kill``): handled like Ctrl-C."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,199 +49,50 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive(name: str, minimum: int = 1):
-    def parse(text: str) -> int:
+CLI_ONLY: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--out", {"metavar": "DIR", "help": "write metrics.json and curves.png here"}),
+    ("--tensorboard", {"metavar": "DIR", "help": "write TensorBoard scalars here"}),
+    (
+        "--compare",
+        {
+            "metavar": "OPT1,OPT2,...",
+            "help": "train each optimizer on the same seed and data; one curve each "
+            "(instead of --optimizer)",
+        },
+    ),
+    ("--no-progress", {"action": "store_true", "help": "no tqdm progress bars"}),
+)
+"""What to show and where to write it: flags of the command line, not of a run."""
+
+
+def _require_extra() -> None:
+    """One line naming the ``[mnist]`` extra when one of its packages is missing."""
+    import importlib
+
+    for name in EXTRA_MODULES:
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(name: str, allow_zero: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            raise argparse.ArgumentTypeError(
-                f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {text}"
-            )
-        return value
-
-    return parse
-
-
-def _momentum(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--momentum must be a number, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"--momentum must be in [0, 1), got {text}")
-    return value
-
-
-FLAG_DEFAULTS = {
-    "optimizer": "neuron-mean-sgd",
-    "batch_size": 64,
-    "schedule": "cosine",
-    "rso_batch_size": 5000,
-    "rso_fresh_batch": "chunk",
-    "rso_loss": "mean",
-    "devices": 1,
-}
-"""Flags parsed with default ``None`` (so "given" differs from "default"), and their defaults."""
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UsageError(
+                f"the MNIST application needs the [mnist] extra ({name} cannot be imported: "
+                f"{e}); install it with: pip install 'optax_neuron[mnist]'"
+            ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from optax_neuron.mnist.models import MODELS
-    from optax_neuron.mnist.train import OPTIMIZERS
-
-    def takes(flag: str) -> str:
-        return ", ".join(n for n, c in OPTIMIZERS.items() if flag in c.flags)
+    """The command line: the settings of :data:`~optax_neuron.mnist.settings.FLAGS`, then
+    :data:`CLI_ONLY`."""
+    from optax_neuron.mnist.settings import add_arguments
 
     p = _Parser(
         prog=PROG,
-        description="Train a Flax NNX model on MNIST (offline) with an optax_neuron optimizer.",
+        description="Train a Flax NNX model on MNIST (offline) with an optax_neuron optimizer. "
+        "A flag ending in [optimizers] applies to those only.",
     )
-    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="default: neuron-mean-sgd")
-    p.add_argument("--model", default="cnn", choices=sorted(MODELS), help="default: cnn")
-    p.add_argument(
-        "--hidden",
-        type=_positive("--hidden"),
-        default=None,
-        help="hidden units of mlp/cnn (channels of rso-paper); default: the model's",
-    )
-    p.add_argument(
-        "--epochs", type=_positive("--epochs", 0), default=4, help="epochs (RSO: cycles); default 4"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=_positive("--batch-size"),
-        default=None,
-        help="default 64 (gradient optimizers; RSO: --rso-batch-size)",
-    )
-    p.add_argument(
-        "--learning-rate",
-        type=_positive_float("--learning-rate"),
-        default=None,
-        help="peak learning rate; default per optimizer (not rso)",
-    )
-    p.add_argument(
-        "--momentum",
-        type=_momentum,
-        default=None,
-        help=f"momentum in [0, 1) ({takes('momentum')}); default per optimizer",
-    )
-    p.add_argument(
-        "--schedule",
-        default=None,
-        choices=("cosine", "constant"),
-        help="learning-rate schedule over the run (not rso); default cosine decay to 0",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist"))
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="directory of IDX files (plain or .gz) instead of the default data",
-    )
-    p.add_argument(
-        "--limit-train",
-        type=_positive("--limit-train"),
-        default=None,
-        metavar="N",
-        help="train on the first N training images",
-    )
-    p.add_argument(
-        "--grad-stats",
-        action="store_true",
-        help="record per-layer gradient norms and running-mean norms each epoch "
-        "(on with --tensorboard; not rso)",
-    )
-    p.add_argument(
-        "--out", default=None, metavar="DIR", help="write metrics.json and curves.png here"
-    )
-    p.add_argument(
-        "--tensorboard", default=None, metavar="DIR", help="write TensorBoard scalars here"
-    )
-    p.add_argument(
-        "--checkpoint", default=None, metavar="DIR", help="save a checkpoint after every epoch"
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the last complete checkpoint in --checkpoint "
-        "(same flags as the original run)",
-    )
-    p.add_argument(
-        "--stop-after",
-        type=_positive("--stop-after"),
-        default=None,
-        metavar="N",
-        help="end after N epochs (RSO: cycles) as if interrupted; the learning-rate schedule "
-        "and RSO's step anneal still span --epochs, and --resume continues the run",
-    )
-    p.add_argument(
-        "--compare",
-        default=None,
-        metavar="OPT1,OPT2,...",
-        help="train each optimizer on the same seed and data; one curve each "
-        "(instead of --optimizer)",
-    )
-    p.add_argument(
-        "--rso-batch-size",
-        type=_positive("--rso-batch-size"),
-        default=None,
-        help="RSO minibatch (one per chunk of searched weights); "
-        "default 5000 as in the RSO paper's official code",
-    )
-    p.add_argument(
-        "--devices",
-        type=_positive("--devices"),
-        default=None,
-        metavar="N",
-        help="train data-parallel over N local devices (on the CPU: N host devices made "
-        "before JAX starts); the batch size must be divisible by N; default 1 (not rso)",
-    )
-    p.add_argument(
-        "--rso-fresh-batch",
-        default=None,
-        choices=("chunk", "weight"),
-        help="RSO: a fresh minibatch per chunk of weights (default: chunk) or per weight, "
-        "as the RSO paper's official code: every weight is scored on --rso-batch-size rows "
-        "of its layer's input over the whole training set (held in memory: about 2.5 GB "
-        "for a 28x28x16 layer of 50,000 images)",
-    )
-    p.add_argument(
-        "--rso-loss",
-        default=None,
-        choices=("mean", "sum64"),
-        help="RSO: the loss that orders the candidates: the float32 mean cross-entropy "
-        "(default: mean) or, as the RSO paper's official code, the cross-entropy summed "
-        "over the minibatch in float64 (sum64)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    add_arguments(p)
+    for option, kwargs in CLI_ONLY:
+        p.add_argument(option, default=None, **kwargs)
     return p
-
-
-OPTIMIZER_FLAGS = (
-    "learning_rate",
-    "momentum",
-    "schedule",
-    "batch_size",
-    "rso_batch_size",
-    "rso_fresh_batch",
-    "rso_loss",
-    "devices",
-)
-"""Flags that only some optimizers take (``OptimizerChoice.flags``), with ``grad_stats``."""
 
 
 def _check_flags_apply(args: argparse.Namespace, names: list[str]) -> None:
@@ -239,16 +101,16 @@ def _check_flags_apply(args: argparse.Namespace, names: list[str]) -> None:
     With ``--compare`` a flag applies to the listed optimizers that take it (``--momentum``
     with ``--compare sgd,adam``: sgd's momentum) and is an error if none of them does.
     """
-    from optax_neuron.mnist.train import OPTIMIZERS
+    from optax_neuron.mnist.settings import EVERY, FLAGS, applies, takers
 
-    for key in (*OPTIMIZER_FLAGS, "grad_stats"):
-        if getattr(args, key) in (None, False):
-            continue
-        if not any(key in OPTIMIZERS[n].flags for n in names):
-            takers = ", ".join(n for n, c in OPTIMIZERS.items() if key in c.flags)
+    for f in FLAGS.values():
+        value = getattr(args, f.name, None)
+        if not f.cli or f.families == EVERY or value is None or value is False:
+            continue  # not given (0 and 0.0 are given values: `0 in (None, False)` is true)
+        if not any(applies(f.name, n) for n in names):
             raise UsageError(
-                f"--{key.replace('_', '-')} does not apply to {', '.join(names)} "
-                f"(it applies to: {takers})"
+                f"{f.option} does not apply to {', '.join(names)} "
+                f"(it applies to: {', '.join(takers(f.name))})"
             )
 
 
@@ -266,7 +128,12 @@ def _check_directory(flag: str, path: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Parse and check the command line (all that needs no data); raise :class:`UsageError`."""
+    """Parse and check the command line (all that needs no data); raise :class:`UsageError`.
+
+    Flags not given take their defaults from the table; ``args.configs`` is
+    ``{optimizer: TrainConfig}`` of the runs, each checked by ``check_config``.
+    """
+    from optax_neuron.mnist.settings import FLAGS
     from optax_neuron.mnist.train import OPTIMIZERS
 
     args = build_parser().parse_args(argv)
@@ -285,21 +152,40 @@ def parse_args(argv=None) -> argparse.Namespace:
         if len(set(names)) != len(names):
             raise UsageError(f"--compare lists an optimizer twice: {args.compare}")
         args.compare = names
-    _check_flags_apply(args, args.compare or [args.optimizer or FLAG_DEFAULTS["optimizer"]])
-    for key, default in FLAG_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
-    if args.batch_size % args.devices:
-        raise UsageError(
-            f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}"
-        )
+    names = args.compare or [args.optimizer or FLAGS["optimizer"].default]
+    _check_flags_apply(args, names)
+    for f in FLAGS.values():
+        if f.cli and getattr(args, f.name) is None:
+            setattr(args, f.name, f.default)
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint DIR")
     if args.stop_after is not None and args.stop_after > args.epochs:
         raise UsageError(f"--stop-after {args.stop_after} must be <= --epochs {args.epochs}")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir {args.data_dir}: no such directory")
+    sub = (lambda d, name: str(Path(d) / name)) if args.compare else (lambda d, name: d)
+    args.configs = {
+        n: _config(args, n, sub(args.checkpoint, n) if args.checkpoint else None) for n in names
+    }
     return args
+
+
+def _config(args, optimizer: str, checkpoint: str | None):
+    """The run of ``optimizer``: the table's settings as given, those that do not apply to
+    it at their defaults; checked (``UsageError`` naming the flag)."""
+    from optax_neuron.mnist.settings import FLAGS, TrainConfig, applies, check_config
+
+    values = {
+        f.name: getattr(args, f.name) if applies(f.name, optimizer) else f.default
+        for f in FLAGS.values()
+        if f.cli
+    }
+    config = TrainConfig(**{**values, "optimizer": optimizer, "checkpoint": checkpoint})
+    try:
+        check_config(config)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return config
 
 
 def _use_devices(n: int) -> None:
@@ -333,101 +219,123 @@ def _use_devices(n: int) -> None:
         )
 
 
-def _config(args, optimizer: str, checkpoint: str | None):
-    """The run of ``optimizer``; flags it does not take keep ``TrainConfig``'s defaults."""
-    from optax_neuron.mnist.train import OPTIMIZERS, TrainConfig
-
-    config = TrainConfig(
-        optimizer=optimizer,
-        model=args.model,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        momentum=args.momentum,
-        schedule=args.schedule,
-        seed=args.seed,
-        limit_train=args.limit_train,
-        grad_stats=args.grad_stats,
-        checkpoint=checkpoint,
-        resume=args.resume,
-        hidden=args.hidden,
-        rso_batch_size=args.rso_batch_size,
-        devices=args.devices,
-        rso_fresh_batch=args.rso_fresh_batch,
-        rso_loss=args.rso_loss,
-        stop_after=args.stop_after,
-    )
-    default = TrainConfig()
-    for key in (*OPTIMIZER_FLAGS, "grad_stats"):
-        if key not in OPTIMIZERS[optimizer].flags:
-            setattr(config, key, getattr(default, key))
-    return config
-
-
 def _plan(args, data) -> dict:
-    """``{name: TrainConfig}`` of the runs, after checking every path and checkpoint."""
+    """``{name: TrainConfig}`` of the runs, after checking every path and checkpoint; ``{}``
+    (after one line per run saying so) when ``--resume`` finds every run finished."""
     from optax_neuron.mnist import checkpoints
     from optax_neuron.mnist.loop import run_settings
-    from optax_neuron.mnist.train import check_config
 
     for flag in ("out", "tensorboard", "checkpoint"):
         if getattr(args, flag):
             _check_directory(f"--{flag}", getattr(args, flag))
-    names = args.compare or [args.optimizer]
-    sub = (lambda d, name: str(Path(d) / name)) if args.compare else (lambda d, name: d)
-    configs = {
-        n: _config(args, n, sub(args.checkpoint, n) if args.checkpoint else None) for n in names
-    }
-    found = 0
-    for config in configs.values():
+    configs = dict(args.configs)
+    found, finished = 0, []
+    for name, config in configs.items():
         try:
-            check_config(config)
             if not config.checkpoint:
                 continue
             if not config.resume:
-                checkpoints.check_fresh(config.checkpoint)
+                checkpoints.check_fresh(config.checkpoint, unit=_unit(config))
             elif checkpoints.latest_complete(config.checkpoint) is None and args.compare:
                 config.resume = False  # --compare: this run had not saved anything yet
             else:
                 settings = run_settings(config, data, tensorboard=args.tensorboard is not None)
-                checkpoints.check_resumable(config.checkpoint, settings)
+                # a damaged newer checkpoint is reported when the run restores
+                epoch, _ = checkpoints.check_resumable(
+                    config.checkpoint, settings, unit=_unit(config)
+                )
                 found += 1
+                if epoch == config.epochs:
+                    finished.append(
+                        f"{PROG}: {name} has finished already ({_unit(config)} {epoch} of "
+                        f"{config.epochs} in {config.checkpoint}); nothing to resume"
+                    )
         except ValueError as e:
             raise UsageError(str(e)) from None
     if args.resume and not found:
         raise UsageError(f"--resume: no complete checkpoint in {args.checkpoint} to resume from")
+    if len(finished) == len(configs):  # (with --compare, finished runs give their results)
+        print("\n".join(finished))
+        return {}
     return configs
 
 
-def _interrupted(configs: dict, name: str) -> str:
-    """The one line printed on Ctrl-C: where to resume from."""
+def _unit(config) -> str:
+    return "cycle" if config.optimizer == "rso" else "epoch"
+
+
+def _interrupted(configs: dict, name: str, how: str) -> str:
+    """The one line printed on Ctrl-C or SIGTERM: where to resume from."""
     from optax_neuron.mnist.checkpoints import latest_complete
 
-    directory = configs[name].checkpoint
+    config = configs[name]
+    directory = config.checkpoint
     if not directory:
         return (
-            f"{PROG}: interrupted during {name}; nothing was saved "
+            f"{PROG}: {how} during {name}; nothing was saved "
             "(pass --checkpoint DIR to be able to resume)"
         )
     epoch = latest_complete(directory)
     if epoch is None:
-        return f"{PROG}: interrupted during {name} before its first checkpoint; nothing to resume"
+        return f"{PROG}: {how} during {name} before its first checkpoint; nothing to resume"
     return (
-        f"{PROG}: interrupted; last complete checkpoint: epoch {epoch} of {name} in {directory}; "
-        "run the same command with --resume to continue"
+        f"{PROG}: {how}; last complete checkpoint: {_unit(config)} {epoch} of {name} in "
+        f"{directory}; run the same command with --resume to continue"
     )
+
+
+def _continue_command(argv: list[str]) -> str:
+    """The command line that continues a run stopped by ``--stop-after``."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--stop-after":
+            skip = True
+        elif not word.startswith("--stop-after=") and word != "--resume":
+            kept.append(word)
+    return shlex.join(["python", "-m", "optax_neuron.mnist", *kept, "--resume"])
+
+
+def _unfinished(args, config, argv: list[str]) -> str:
+    """The last line of a run ended by ``--stop-after``: it is unfinished, and how to go on."""
+    done = f"stopped after {_unit(config)} {args.stop_after} of {args.epochs} (--stop-after)"
+    if not args.checkpoint:
+        return (
+            f"{PROG}: {done}: the run is unfinished and was not saved "
+            "(pass --checkpoint DIR to be able to continue it)"
+        )
+    return f"{PROG}: {done}: the run is unfinished; continue it with: {_continue_command(argv)}"
 
 
 def _json_ready(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "params"}
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _handle_sigterm(handler):
+    """Install ``handler`` for SIGTERM; return the previous one (``None`` off the main thread,
+    where Python cannot install signal handlers)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
 def main(argv=None) -> int:
-    """Run the CLI; returns 0 (130 after Ctrl-C), or raises ``SystemExit(2)`` on bad input.
+    """Run the CLI; returns 0 (130 after Ctrl-C, 143 after SIGTERM), or raises
+    ``SystemExit(2)`` on bad input.
 
     Every argument, path and checkpoint is checked before training starts.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _require_extra()
         args = parse_args(argv)
         _use_devices(args.devices)
         from optax_neuron.mnist.data import DataError, load_dataset
@@ -440,6 +348,8 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if not configs:
+        return 0
 
     from tqdm.auto import tqdm
 
@@ -449,23 +359,29 @@ def main(argv=None) -> int:
 
     several = args.compare is not None
     results = {}
-    for name, config in configs.items():
-        tb = (
-            (str(Path(args.tensorboard) / name) if several else args.tensorboard)
-            if args.tensorboard
-            else None
-        )
-        writer = on.summary_writer(tb) if tb else None
-        try:
-            results[name] = run(
-                config, data, writer=writer, progress=not args.no_progress, log=tqdm.write
+    previous = _handle_sigterm(_raise_terminated)
+    try:
+        for name, config in configs.items():
+            tb = (
+                (str(Path(args.tensorboard) / name) if several else args.tensorboard)
+                if args.tensorboard
+                else None
             )
-        except KeyboardInterrupt:
-            print(_interrupted(configs, name), file=sys.stderr)
-            return 130
-        finally:
-            if writer is not None:
-                writer.close()
+            writer = on.summary_writer(tb) if tb else None
+            try:
+                results[name] = run(
+                    config, data, writer=writer, progress=not args.no_progress, log=tqdm.write
+                )
+            except KeyboardInterrupt as e:
+                terminated = isinstance(e, Terminated)
+                how = "terminated (SIGTERM)" if terminated else "interrupted"
+                print(_interrupted(configs, name, how), file=sys.stderr)
+                return 143 if terminated else 130
+            finally:
+                if writer is not None:
+                    writer.close()
+    finally:
+        _handle_sigterm(previous)
     names = list(configs)
     if args.out:
         out = Path(args.out)
@@ -499,6 +415,8 @@ def main(argv=None) -> int:
         )
     else:
         print(f"test accuracy: {results[names[0]]['test_accuracy']:.4f}")
+    if args.stop_after is not None and args.stop_after < args.epochs:
+        print(_unfinished(args, configs[names[0]], argv))
     return 0
 
 

@@ -12,7 +12,9 @@ Only a checkpoint with both is *complete*. A run killed at any moment (during
 an epoch, inside a save) leaves at worst an incomplete one, which is ignored and
 removed; ``--resume`` continues from the last complete checkpoint, so it ends
 bit-identical to a run that was never interrupted. The last two complete
-checkpoints are kept.
+checkpoints are kept: when the newest is damaged (a truncated record, unreadable
+state) it is reported by its file name, set aside as ``*.damaged`` and the run
+continues from the one before it.
 
 Test hook (tests only): ``OPTAX_NEURON_TEST_SLEEP="save N SECONDS"`` sleeps
 inside the save of epoch ``N``, after the state is written and before the
@@ -34,11 +36,13 @@ import jax
 
 __all__ = [
     "Checkpoints",
+    "DamagedCheckpoint",
     "NothingToResume",
     "SettingsMismatch",
     "check_fresh",
     "check_resumable",
     "latest_complete",
+    "newest_intact",
     "sleep_hook",
 ]
 
@@ -77,11 +81,13 @@ def _records(directory: Path) -> dict[int, Path]:
     return {int(m.group(1)): directory / m.group(0) for m in found if m}
 
 
+def _complete(directory: Path) -> list[int]:
+    return [n for n in _records(directory) if (directory / str(n)).is_dir()]
+
+
 def latest_complete(directory: str | Path) -> int | None:
     """The last epoch with a complete checkpoint (state and record) in ``directory``, or None."""
-    directory = Path(directory)
-    done = [n for n in _records(directory) if (directory / str(n)).is_dir()]
-    return max(done, default=None)
+    return max(_complete(Path(directory)), default=None)
 
 
 def _shown(settings: dict, key: str) -> str:
@@ -90,26 +96,65 @@ def _shown(settings: dict, key: str) -> str:
     return "the default" if settings[key] is None else str(settings[key])
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's record or state cannot be read; the message names the file."""
+
+
 def _read_record(directory: Path, epoch: int) -> dict:
-    return json.loads((directory / f"epoch-{epoch}.json").read_text())
+    path = directory / f"epoch-{epoch}.json"
+    try:
+        record = json.loads(path.read_text())
+        if not (isinstance(record, dict) and {"settings", "history"} <= set(record)):
+            raise ValueError("not a checkpoint record: no settings or history")
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise DamagedCheckpoint(f"the checkpoint record {path} is damaged ({e})") from None
+    return record
+
+
+def newest_intact(directory: str | Path) -> tuple[int | None, list[str]]:
+    """The newest complete checkpoint whose record can be read, and a line per damaged one.
+
+    Example: with ``epoch-4.json`` truncated and ``epoch-3.json`` intact, ``(3,
+    ["the checkpoint record DIR/epoch-4.json is damaged (...)"])``.
+    """
+    directory = Path(directory)
+    damaged = []
+    for epoch in sorted(_complete(directory), reverse=True):
+        try:
+            _read_record(directory, epoch)
+        except DamagedCheckpoint as e:
+            damaged.append(str(e))
+            continue
+        return epoch, damaged
+    return None, damaged
 
 
 def _normalised(settings: dict) -> dict:
     return json.loads(json.dumps(settings))
 
 
-def check_resumable(directory: str | Path, settings: dict) -> int:
-    """The epoch ``--resume`` would continue after; raises if there is none or settings differ.
+def check_resumable(
+    directory: str | Path, settings: dict, *, unit: str = "epoch"
+) -> tuple[int, list[str]]:
+    """The epoch ``--resume`` would continue after, and a line per damaged newer checkpoint.
+
+    The newest complete checkpoint whose record can be read is the one resumed
+    (:func:`newest_intact`); a damaged one after it is reported, not a reason to stop.
 
     Raises:
-      NothingToResume: no complete checkpoint in ``directory``.
+      NothingToResume: no intact complete checkpoint in ``directory``.
       SettingsMismatch: the checkpoint was written with other settings; the one-line
         message names every difference (``--epochs 3 (now 4), ...``).
     """
     directory = Path(directory)
-    epoch = latest_complete(directory)
+    epoch, damaged = newest_intact(directory)
     if epoch is None:
-        raise NothingToResume(f"--resume: no complete checkpoint in {directory} to resume from")
+        why = f" ({'; '.join(damaged)})" if damaged else ""
+        raise NothingToResume(
+            f"--resume: no complete checkpoint in {directory} to resume from{why}"
+        )
+    if damaged:
+        damaged = [*damaged[:-1], f"{damaged[-1]}; resuming from {unit} {epoch} instead"]
     saved = _read_record(directory, epoch)["settings"]
     now = _normalised(settings)
     diffs = [
@@ -119,19 +164,19 @@ def check_resumable(directory: str | Path, settings: dict) -> int:
     ]
     if diffs:
         raise SettingsMismatch(
-            f"--resume: the checkpoint in {directory} (epoch {epoch}) was written with other "
+            f"--resume: the checkpoint in {directory} ({unit} {epoch}) was written with other "
             f"settings: {'; '.join(diffs)}; repeat the original flags or use a new --checkpoint"
         )
-    return epoch
+    return epoch, damaged
 
 
-def check_fresh(directory: str | Path) -> None:
+def check_fresh(directory: str | Path, *, unit: str = "epoch") -> None:
     """Raise ``ValueError`` if ``directory`` holds a complete checkpoint (a new run would
     overwrite it)."""
     epoch = latest_complete(directory)
     if epoch is not None:
         raise ValueError(
-            f"--checkpoint {directory} already holds a checkpoint (epoch {epoch}): "
+            f"--checkpoint {directory} already holds a checkpoint ({unit} {epoch}): "
             "pass --resume to continue it, or choose another directory"
         )
 
@@ -162,10 +207,6 @@ class Checkpoints:
             if step not in records:
                 self._manager.delete(step)
 
-    def latest(self) -> int | None:
-        """The last epoch with a complete checkpoint, or ``None``."""
-        return latest_complete(self.directory)
-
     def require_empty(self) -> None:
         """Refuse to start a new run over a complete checkpoint (see :func:`check_fresh`)."""
         check_fresh(self.directory)
@@ -194,15 +235,41 @@ class Checkpoints:
             if old in self._manager.all_steps():
                 self._manager.delete(old)
 
-    def restore(self, like: Any, settings: dict) -> tuple[int, Any, list[dict]]:
-        """``(epoch, state, history)`` of the last complete checkpoint, after checking settings.
+    def restore(
+        self, like: Any, settings: dict, *, unit: str = "epoch", log: Any = None
+    ) -> tuple[int, Any, list[dict]]:
+        """``(epoch, state, history)`` of the newest intact checkpoint, after checking settings.
 
+        A damaged newer checkpoint (its record or its state cannot be read) is reported
+        through ``log``, renamed ``*.damaged`` (kept for inspection, no longer a
+        checkpoint) and the one before it is restored.
         Raises :class:`NothingToResume` or :class:`SettingsMismatch` (see :func:`check_resumable`).
         """
-        epoch = check_resumable(self.directory, settings)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
-        state = self._manager.restore(epoch, args=self._ocp.args.StandardRestore(abstract))
-        return epoch, state, list(_read_record(self.directory, epoch)["history"])
+        while True:
+            epoch, damaged = check_resumable(self.directory, settings, unit=unit)
+            for line in damaged:
+                if log is not None:
+                    log(line)
+            self._set_aside(e for e in _complete(self.directory) if e > epoch)
+            try:
+                state = self._manager.restore(epoch, args=self._ocp.args.StandardRestore(abstract))
+            except Exception as e:  # Orbax and TensorStore raise many kinds
+                if log is not None:
+                    log(f"the checkpoint state {self.directory / str(epoch)} is damaged ({e})")
+                self._set_aside([epoch])
+                continue
+            return epoch, state, list(_read_record(self.directory, epoch)["history"])
+
+    def _set_aside(self, epochs: Any) -> None:
+        """Rename damaged checkpoints' records ``*.damaged`` and drop their Orbax steps."""
+        for epoch in list(epochs):
+            record = self.directory / f"epoch-{epoch}.json"
+            if record.exists():
+                os.replace(record, record.with_name(record.name + ".damaged"))
+            self._manager.reload()
+            if epoch in self._manager.all_steps():
+                self._manager.delete(epoch)
 
     def close(self) -> None:
         self._manager.close()

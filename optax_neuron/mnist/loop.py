@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -34,12 +33,10 @@ from flax import nnx
 
 import optax_neuron as on
 from optax_neuron.mnist.checkpoints import Checkpoints, SettingsMismatch, sleep_hook
+from optax_neuron.mnist.settings import FLAGS, applied
 
 __all__ = ["SettingsMismatch", "data_fingerprint", "evaluate", "evaluate_splits", "progress_bar"]
 __all__ += ["report", "run_epochs", "run_settings", "summary"]
-
-NOT_SETTINGS = ("checkpoint", "resume", "stop_after")
-"""``TrainConfig`` fields that do not change what a run computes (never compared on resume)."""
 
 
 def data_fingerprint(images: Any, labels: Any) -> str:
@@ -54,13 +51,15 @@ def data_fingerprint(images: Any, labels: Any) -> str:
 def run_settings(config: Any, data: Any, *, tensorboard: bool = False) -> dict:
     """What a checkpoint records about its run, and ``--resume`` compares.
 
-    The config's fields that change the computation (not ``checkpoint``,
-    ``resume``, ``stop_after``), ``grad_stats`` as it takes effect (a TensorBoard
-    writer switches it on) and ``data``: a fingerprint of the training images and
-    labels used (the first ``limit_train``).
+    The settings that apply to the config's optimizer and change what it computes
+    (not ``checkpoint``, ``resume``, ``stop_after``; see
+    :data:`~optax_neuron.mnist.settings.FLAGS`), ``grad_stats`` as it takes effect (a
+    TensorBoard writer switches it on) and ``data``: a fingerprint of the training
+    images and labels used (the first ``limit_train``).
     """
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_SETTINGS}
-    settings["grad_stats"] = bool(config.grad_stats or tensorboard)
+    settings = {k: v for k, v in applied(config).items() if FLAGS[k].computes}
+    if "grad_stats" in settings:
+        settings["grad_stats"] = bool(config.grad_stats or tensorboard)
     n = config.limit_train
     settings["data"] = data_fingerprint(data.train_images[:n], data.train_labels[:n])
     return settings
@@ -89,7 +88,7 @@ def run_epochs(
     name: str = "",
     unit: str = "epoch",
 ) -> tuple[Any, list[dict]]:
-    """Run epochs ``start+1 .. epochs`` of a loop; return the final state and the history.
+    """Run epochs ``start+1`` to ``epochs`` of a loop; return the final state and the history.
 
     Epoch ``e`` (0-based) calls ``state, part = train(state, e)`` (timed as
     ``epoch_time``), then ``measure(state)``; the record is
@@ -116,7 +115,7 @@ def run_epochs(
     ckpt = Checkpoints(checkpoint) if checkpoint else None
     try:
         if ckpt is not None and resume:
-            start, state, history = ckpt.restore(state, settings)
+            start, state, history = ckpt.restore(state, settings, unit=unit, log=log)
             if log:
                 log(f"resumed from {ckpt.directory} after {unit} {start}")
         elif ckpt is not None:
@@ -158,7 +157,8 @@ def report(record: dict, writer: Any, bar: Any, log: Callable | None, name: str,
         log(
             f"{name} {unit} {step}: train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.4f}, test loss {record['test_loss']:.4f} "
-            f"acc {record['test_accuracy']:.4f}, {record['wall_time']:.1f}s"
+            f"acc {record['test_accuracy']:.4f}; this {unit} {record['epoch_time']:.1f}s, "
+            f"run so far {record['wall_time']:.1f}s"
         )
 
 
@@ -224,7 +224,7 @@ def summary(config: Any, n: int, history: list, model: nnx.Module, data: Any) ->
             model, data.test_images, data.test_labels, config.eval_batch_size
         )
     return {
-        "config": dataclasses.asdict(config),
+        "config": applied(config),
         "train_size": n,
         "epochs": history,
         "test_loss": final_loss,

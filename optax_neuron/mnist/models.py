@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import optax_neuron as on
+
 __all__ = [
     "MODELS",
     "InputMean",
@@ -103,13 +105,7 @@ def patch_conv(
             **kwargs,
         )
     kh, kw, cin, cout = rhs.shape
-    pads: tuple[tuple[int, ...], ...]
-    if padding == "SAME":
-        pads = (((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2))
-    elif padding == "VALID":
-        pads = ((0, 0), (0, 0))
-    else:
-        pads = tuple(tuple(int(q) for q in p) for p in padding)
+    pads = on.conv_padding((kh, kw), padding)
     x = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
     h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     cols = jnp.concatenate(

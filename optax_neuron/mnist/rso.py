@@ -21,6 +21,7 @@ from optax_neuron.mnist.loop import (
     summary,
 )
 from optax_neuron.mnist.models import SubtractMean, _global_avg_pool
+from optax_neuron.mnist.settings import FLAGS
 
 __all__ = [
     "FRESH_BATCH",
@@ -73,8 +74,8 @@ def rso_layers(model: nnx.Sequential) -> list[Callable]:
     a bias layer where there is a bias; BatchNorm normalises with the batch's
     statistics; activations and pooling pass through. BatchNorm, biases, ReLU and
     pooling are declared :func:`optax_neuron.channelwise`, so a candidate of a
-    kernel is carried as one channel to the next linear layer (the incremental
-    path of issue 12).
+    kernel is carried as one channel to the next linear layer (RSO's incremental
+    fast path).
     """
     layers: list[Callable] = []
     for i, layer in enumerate(model.layers):
@@ -176,10 +177,11 @@ def _chunk_size(total: int, target: int) -> int:
 RSO_NORM_SIGMA = 0.167
 """RSO step for BatchNorm scale and shift (the official code's 0.167; their std at init is 0)."""
 
-RSO_WEIGHT_DECAY = 1e-4
-"""Weight decay per visit of the official code: ``w <- w * (1 - 1e-4)`` before the candidates."""
+RSO_WEIGHT_DECAY = FLAGS["rso_weight_decay"].default
+"""Weight decay per visit of the official code: ``w <- w * (1 - 1e-4)`` before the candidates
+(the default of ``--rso-weight-decay``)."""
 
-FRESH_BATCH = ("chunk", "weight")
+FRESH_BATCH: tuple[str, ...] = FLAGS["rso_fresh_batch"].choices or ()
 """``--rso-fresh-batch`` choices: a fresh minibatch per chunk of weights, or per weight."""
 
 
@@ -232,8 +234,8 @@ class RSOSearch:
     (:func:`optax_neuron.rso_init`), He step per kernel and 0.167 for BatchNorm
     scale and shift (:func:`he_sigma`), annealed by :func:`official_anneal` over
     ``cycles``, the official leaf order (:func:`official_order`), neuron by
-    neuron inside a leaf (``within="neuron"``), weight decay
-    :data:`RSO_WEIGHT_DECAY` per visit. Data:
+    neuron inside a leaf (``within="neuron"``), weight decay ``weight_decay`` per
+    visit (default :data:`RSO_WEIGHT_DECAY`, the official 1e-4). Data:
     ``fresh_batch="chunk"`` scores the ``chunk`` weights of one call on the next
     minibatch of a per-cycle shuffle of the training set (the loss is a
     :class:`optax_neuron.LayerStack`, RSO's incremental fast path);
@@ -267,6 +269,7 @@ class RSOSearch:
         seed: int = 0,
         fast_path: str = "incremental",
         loss: str = "mean",
+        weight_decay: float = RSO_WEIGHT_DECAY,
     ):
         if fresh_batch not in FRESH_BATCH:
             raise ValueError(f"rso fresh batch must be one of {FRESH_BATCH}, got {fresh_batch!r}")
@@ -289,7 +292,7 @@ class RSOSearch:
             "anneal": official_anneal(cycles),
             "order": official_order(model),
             "within": "neuron",
-            "weight_decay": RSO_WEIGHT_DECAY,
+            "weight_decay": weight_decay,
             "fast_path": fast_path,
         }
         # the state does not depend on weights_per_step: init once, then size the chunks
@@ -367,6 +370,7 @@ def run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
         fresh_batch=config.rso_fresh_batch,
         seed=config.seed,
         loss=config.rso_loss,
+        weight_decay=config.rso_weight_decay,
     )
     params, opt_state = search.params, search.state
     batch, total, chunk = search.batch, search.total, search.chunk

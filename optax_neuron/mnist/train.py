@@ -19,8 +19,7 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,45 +34,50 @@ import optax_neuron as on
 from optax_neuron.mnist.data import Dataset
 from optax_neuron.mnist.loop import evaluate, evaluate_splits, run_epochs, run_settings, summary
 from optax_neuron.mnist.models import make_model
+from optax_neuron.mnist.settings import FLAGS, TrainConfig, check_config
 
 __all__ = ["DEFAULTS", "OPTIMIZERS", "OptimizerChoice", "TrainConfig", "check_config"]
-__all__ += ["evaluate", "loss_fn", "make_optimizer", "make_train_epoch", "run"]
-
-GRADIENT_FLAGS = frozenset({"learning_rate", "schedule", "batch_size", "grad_stats", "devices"})
-"""Config fields (CLI flags) of every gradient optimizer."""
+__all__ += ["evaluate", "loss_fn", "make_optimizer", "make_train_epoch", "model_fan_in", "run"]
 
 
 class OptimizerChoice(NamedTuple):
-    """One ``--optimizer`` choice: ``factory(learning_rate, momentum)``, defaults, flags."""
+    """One ``--optimizer`` choice: ``factory(learning_rate, momentum)``, defaults, family.
 
-    factory: Callable[[Any, float | None], optax.GradientTransformation] | None
+    ``family`` (``"momentum"``, ``"gradient"`` or ``"rso"``) says which flags apply to
+    it (:data:`optax_neuron.mnist.settings.FLAGS`): ``--momentum`` to the first only.
+    """
+
+    # factory(learning_rate, momentum), and fan_in= for the neuron-wise choices
+    factory: Callable[..., optax.GradientTransformation] | None
     learning_rate: float | None = None
     momentum: float | None = None  # the default; None: no momentum (where "momentum" applies)
-    flags: frozenset[str] = GRADIENT_FLAGS  # the config fields that apply to it
+    family: str = "gradient"
 
 
-_WITH_MOMENTUM = GRADIENT_FLAGS | {"momentum"}
 OPTIMIZERS: dict[str, OptimizerChoice] = {
     "neuron-mean-sgd": OptimizerChoice(
-        lambda lr, mu: on.neuron_mean_sgd(lr, momentum=mu or 0.0), 0.1, 0.9, _WITH_MOMENTUM
+        lambda lr, mu, fan_in=None: on.neuron_mean_sgd(lr, momentum=mu or 0.0, fan_in=fan_in),
+        0.1,
+        0.9,
+        "momentum",
     ),
-    "sgd": OptimizerChoice(lambda lr, mu: optax.sgd(lr, momentum=mu), 0.1, None, _WITH_MOMENTUM),
-    "momentum": OptimizerChoice(lambda lr, mu: optax.sgd(lr, mu), 0.02, 0.9, _WITH_MOMENTUM),
+    "sgd": OptimizerChoice(lambda lr, mu: optax.sgd(lr, momentum=mu), 0.1, None, "momentum"),
+    "momentum": OptimizerChoice(lambda lr, mu: optax.sgd(lr, mu), 0.02, 0.9, "momentum"),
     "nesterov": OptimizerChoice(
-        lambda lr, mu: optax.sgd(lr, mu, nesterov=True), 0.02, 0.9, _WITH_MOMENTUM
+        lambda lr, mu: optax.sgd(lr, mu, nesterov=True), 0.02, 0.9, "momentum"
     ),
     "adam": OptimizerChoice(lambda lr, _: optax.adam(lr), 1e-3),
     "rmsprop": OptimizerChoice(
-        lambda lr, mu: optax.rmsprop(lr, momentum=mu), 1e-3, None, _WITH_MOMENTUM
+        lambda lr, mu: optax.rmsprop(lr, momentum=mu), 1e-3, None, "momentum"
     ),
     "adagrad": OptimizerChoice(lambda lr, _: optax.adagrad(lr), 0.05),
     "adadelta": OptimizerChoice(lambda lr, _: optax.adadelta(lr), 1.0),
-    "rso": OptimizerChoice(
-        None, flags=frozenset({"rso_batch_size", "rso_fresh_batch", "rso_loss"})
-    ),  # no gradients: rso.py
-    "neuron-adam": OptimizerChoice(lambda lr, _: on.neuron_adam(lr), 1e-3),
+    "rso": OptimizerChoice(None, family="rso"),  # no gradients: rso.py
+    "neuron-adam": OptimizerChoice(
+        lambda lr, _, fan_in=None: on.neuron_adam(lr, fan_in=fan_in), 1e-3
+    ),
     "neuron-adam-neuron": OptimizerChoice(
-        lambda lr, _: on.neuron_adam(lr, first_moment="neuron"), 1e-3
+        lambda lr, _, fan_in=None: on.neuron_adam(lr, first_moment="neuron", fan_in=fan_in), 1e-3
     ),
     "adamw": OptimizerChoice(lambda lr, _: optax.adamw(lr), 1e-3),
     "adafactor": OptimizerChoice(lambda lr, _: optax.adafactor(lr), 1e-2),
@@ -94,12 +98,12 @@ def check_hyperparameters(name: str, learning_rate: Any, momentum: float | None)
         raise ValueError(
             f"optimizer must be one of {choices} (rso trains without gradients), got {name!r}"
         )
-    if isinstance(learning_rate, (int, float)) and not (
-        math.isfinite(learning_rate) and learning_rate > 0
-    ):
-        raise ValueError(f"--learning-rate must be a finite number > 0, got {learning_rate}")
-    if momentum is not None and not (0 <= momentum < 1):
-        raise ValueError(f"--momentum must be in [0, 1), got {momentum}")
+    for flag, value in (("learning_rate", learning_rate), ("momentum", momentum)):
+        if value is None or callable(value):  # the optimizer's default; a schedule
+            continue
+        problem = FLAGS[flag].check.problem(value)
+        if problem:
+            raise ValueError(f"{FLAGS[flag].option} {problem}")
 
 
 def make_optimizer(
@@ -110,6 +114,7 @@ def make_optimizer(
     schedule: str = "constant",
     total_steps: int | None = None,
     grad_stats: bool = False,
+    fan_in: Any = None,
 ) -> optax.GradientTransformation:
     """The Optax transformation behind an ``--optimizer`` name (not ``rso``).
 
@@ -122,6 +127,8 @@ def make_optimizer(
       grad_stats: put :func:`optax_neuron.gradient_norms` and
         :func:`optax_neuron.running_gradient_mean` (EMA, decay 0.99) in front,
         so :func:`optax_neuron.collect_metrics` can read per-layer norms.
+      fan_in: fan-in axes for the choices whose factory takes ``fan_in`` (the
+        neuron-wise optimizers); ``None``: the library's default preset.
 
     Example:
       >>> tx = make_optimizer("neuron-mean-sgd")
@@ -138,53 +145,12 @@ def make_optimizer(
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if choice.factory is None:  # not reached: check_hyperparameters refuses it
         raise ValueError(f"{name} has no gradient transformation")
-    tx = choice.factory(lr, mu)
+    takes_fan_in = "fan_in" in inspect.signature(choice.factory).parameters
+    tx = choice.factory(lr, mu, fan_in=fan_in) if takes_fan_in else choice.factory(lr, mu)
     if grad_stats:
         monitors = (on.gradient_norms(per_neuron=False), on.running_gradient_mean(decay=0.99))
         tx = optax.chain(*monitors, tx)
     return tx
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """One training run (the CLI's arguments)."""
-
-    optimizer: str = "neuron-mean-sgd"
-    model: str = "cnn"
-    epochs: int = 4
-    batch_size: int = 64
-    learning_rate: float | None = None
-    momentum: float | None = None
-    schedule: str = "cosine"
-    seed: int = 0
-    limit_train: int | None = None
-    grad_stats: bool = False
-    checkpoint: str | None = None
-    resume: bool = False
-    hidden: int | None = None
-    rso_batch_size: int = 5000
-    stop_after: int | None = None  # end after this many epochs as if interrupted (--stop-after)
-    rso_chunk: int = 1000
-    rso_fresh_batch: str = "chunk"  # RSO: a fresh minibatch per chunk of weights, or per "weight"
-    rso_loss: str = "mean"  # RSO: float32 mean cross-entropy, or "sum64" (the official code's)
-    eval_batch_size: int = 1000
-    devices: int = 1  # data-parallel over this many local devices (gradient optimizers)
-
-
-def check_config(config: TrainConfig) -> None:
-    """Raise ``ValueError`` naming the flag of the first bad setting of ``config``."""
-    if config.optimizer != "rso":
-        check_hyperparameters(config.optimizer, config.learning_rate, config.momentum)
-    for name in ("epochs", "batch_size", "rso_batch_size", "limit_train", "hidden", "devices"):
-        value, least = getattr(config, name), 0 if name == "epochs" else 1
-        if value is not None and value < least:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
-    if config.optimizer != "rso" and config.batch_size % config.devices:
-        raise ValueError(
-            f"--batch-size {config.batch_size} must be divisible by --devices {config.devices}"
-        )
-    if config.schedule not in ("constant", "cosine"):
-        raise ValueError(f"--schedule must be 'constant' or 'cosine', got {config.schedule!r}")
 
 
 def build_model(config: TrainConfig) -> nnx.Module:
@@ -192,6 +158,21 @@ def build_model(config: TrainConfig) -> nnx.Module:
     key = "channels" if config.model == "rso-paper" else "hidden"
     kwargs = {} if config.hidden is None else {key: config.hidden}
     return make_model(config.model, nnx.Rngs(config.seed), **kwargs)
+
+
+def model_fan_in(config: TrainConfig, model: nnx.Module) -> Any:
+    """The fan-in axes the optimizer gets: read from the computation for ``vit``.
+
+    ``vit``'s attention kernels get theirs from the model's jaxpr
+    (:func:`optax_neuron.fan_in.from_computation`: query/key/value ``(0,)``,
+    output ``(0, 1)``), traced once on an abstract image (under 0.15 s); the other
+    models keep the default path rules (``None``).
+    """
+    if config.model != "vit":
+        return None
+    graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
+    image = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+    return on.fan_in.from_computation(lambda p, x: nnx.merge(graphdef, p, *rest)(x), params, image)
 
 
 def loss_fn(model: nnx.Module, images: jax.Array, labels: jax.Array):
@@ -267,16 +248,11 @@ def run(config: TrainConfig, data: Dataset, *, writer=None, progress=True, log=N
     total_steps = max(1, config.epochs * (n // batch_size))
     tx = make_optimizer(
         config.optimizer, config.learning_rate, config.momentum, schedule=config.schedule,
-        total_steps=total_steps, grad_stats=grad_stats,
+        total_steps=total_steps, grad_stats=grad_stats, fan_in=model_fan_in(config, model),
     )  # fmt: skip
     graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
     batch_sharding = None
     if config.devices > 1:  # data parallel: state and data replicated, each batch split
-        if batch_size % config.devices:
-            raise ValueError(
-                f"the batch size {batch_size} (--limit-train {n} images) must be divisible by "
-                f"--devices {config.devices}"
-            )
         devices = jax.local_devices()[: config.devices]
         mesh = jax.make_mesh((config.devices,), ("data",), (AxisType.Auto,), devices=devices)
         batch_sharding = NamedSharding(mesh, P(None, "data"))

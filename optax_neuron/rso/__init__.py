@@ -26,8 +26,10 @@ Fast path: give ``value_fn`` as a ``LayerStack`` whose layers are ``conv_layer``
 ReLU, pooling, BatchNorm with batch statistics and biases (declared channel-wise: channel
 ``c`` of the output depends on channel ``c`` of the input only). A candidate of a kernel
 then costs one column, one channel through the channel-wise layers, one input-channel
-slice of the next linear layer, and the layers after that in full. A plain function
-layer ends that path (it re-runs from its cached input with one channel replaced).
+slice of the next linear layer, and the layers after that in full; a BatchNorm scale or
+shift named in ``per_channel`` re-runs its one channel through the norm and takes the same
+path. A plain function layer ends that path (it re-runs from its cached input with one
+channel replaced).
 
 The official code's data: ``LayerStack(layers, loss, x_train, y_train, batch=B)`` with
 ``rso(per_weight_batch=True)`` scores every weight on ``B`` fresh rows of its layer's
@@ -40,10 +42,10 @@ Modules:
 * :mod:`~optax_neuron.rso.rule`: the random draw and the choice rule (written once; the
   PRNG scheme is documented there);
 * :mod:`~optax_neuron.rso.evaluators`: black box, cached layer stack, incremental,
-  fresh rows per weight (sampled);
-* :mod:`~optax_neuron.rso.search`: the sequential and speculative loops;
+  fresh rows per weight (sampled), behind one protocol (``start``, ``scores``, ``commit``);
+* :mod:`~optax_neuron.rso.search`: the search loop (one body, named carries);
 * :mod:`~optax_neuron.rso.layers`: ``LayerStack``, ``LinearLayer``, ``dense_layer``,
-  ``conv_layer``, ``channelwise``;
+  ``conv_layer``, ``conv_padding``, ``channelwise``;
 * :mod:`~optax_neuron.rso.transform`: ``rso``, ``RSOState``, ``rso_init``.
 
 Sharding: leaves sharded over Explicit mesh axes (the default of ``jax.make_mesh``) are
@@ -57,6 +59,7 @@ from optax_neuron.rso.layers import (
     LinearLayer,
     channelwise,
     conv_layer,
+    conv_padding,
     dense_layer,
 )
 from optax_neuron.rso.transform import RSOState, rso, rso_init
@@ -68,6 +71,7 @@ __all__ = [
     "RSOState",
     "channelwise",
     "conv_layer",
+    "conv_padding",
     "dense_layer",
     "rso",
     "rso_init",

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_neuron.fan_in import path_str
+from optax_neuron._tree import leaves_with_paths
 
 __all__ = [
     "ChannelwiseLayer",
@@ -31,29 +31,43 @@ __all__ = [
     "LinearLayer",
     "channelwise",
     "conv_layer",
+    "conv_padding",
     "dense_layer",
 ]
 
 
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
 def leaf_at(params: Any, path: str) -> Any:
     """The leaf of ``params`` at ``path`` (``a/b/c``); a clear error naming the path."""
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)[0]
+    flat = leaves_with_paths(params)[0]
     for p, x in flat:
-        if path_str(p) == path:
+        if p == path:
             return x
-    paths = [path_str(p) for p, _ in flat]
+    paths = [p for p, _ in flat]
     raise ValueError(f"layer parameter {path!r} is not a parameter path; paths: {paths[:10]}")
 
 
 def _replace_at(params: Any, values: dict[str, Any]) -> Any:
     """``params`` with the leaves at the given paths replaced."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
-    out = [values.get(path_str(p), x) for p, x in flat]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    flat, treedef = leaves_with_paths(params)
+    return jax.tree_util.tree_unflatten(treedef, [values.get(p, x) for p, x in flat])
+
+
+def conv_padding(kernel_hw: Sequence[int], padding: Any) -> tuple[tuple[int, int], ...]:
+    """The ``(low, high)`` zero padding of each spatial axis of a stride-1 convolution.
+
+    ``"SAME"`` keeps the size: a kernel of ``k`` taps pads ``(k - 1) // 2`` before and
+    ``k // 2`` after (XLA's rule); ``"VALID"`` pads nothing; explicit pairs are returned
+    as ints.
+
+    Example:
+      >>> conv_padding((3, 2), "SAME")
+      ((1, 1), (0, 1))
+    """
+    if padding == "SAME":
+        return tuple(((k - 1) // 2, k // 2) for k in kernel_hw)
+    if padding == "VALID":
+        return tuple((0, 0) for _ in kernel_hw)
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 class LayerStack:
@@ -184,27 +198,22 @@ class LinearLayer:
     (:meth:`add_input_channel`), instead of re-running the layer.
     """
 
-    def __init__(
-        self, kernel: str, kind: str, padding: Any = "SAME", conv_fn: Callable | None = None
-    ):
-        self.kernel, self.kind, self.padding, self.conv_fn = kernel, kind, padding, conv_fn
+    def __init__(self, kernel: str, kind: str, padding: Any = "SAME"):
+        self.kernel, self.kind, self.padding = kernel, kind, padding
 
     def apply(self, w: jax.Array, h: jax.Array) -> jax.Array:
         """The layer with kernel ``w`` (any number of input channels) on ``h``."""
         if self.kind == "dense":
             return jnp.matmul(h, w)
-        conv = self.conv_fn or jax.lax.conv_general_dilated
-        return conv(h, w, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(
+            h, w, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     def __call__(self, params: Any, h: jax.Array) -> jax.Array:
         return self.apply(leaf_at(params, self.kernel), h)
 
     def _pads(self, kshape):
-        if self.padding == "SAME":
-            return tuple(((k - 1) // 2, k // 2) for k in kshape[:2])
-        if self.padding == "VALID":
-            return ((0, 0), (0, 0))
-        return tuple(tuple(int(q) for q in p) for p in self.padding)
+        return conv_padding(kshape[:2], self.padding)
 
     def column(self, h, kshape, flat_index):
         """(output channel ``o``, the slice of ``h`` that ``W.flat[flat_index]`` multiplies)."""
@@ -287,11 +296,11 @@ def dense_layer(kernel: str) -> LinearLayer:
     return LinearLayer(kernel, "dense")
 
 
-def conv_layer(kernel: str, padding: Any = "SAME", conv_fn: Callable | None = None) -> LinearLayer:
+def conv_layer(kernel: str, padding: Any = "SAME") -> LinearLayer:
     """A :class:`LayerStack` layer: stride-1 2-D convolution, NHWC input, HWIO kernel at ``kernel``.
 
-    ``conv_fn`` replaces ``jax.lax.conv_general_dilated`` (same signature), e.g. an
-    im2col implementation that is faster on CPU.
+    The layer runs XLA's convolution (``jax.lax.conv_general_dilated``); ``padding`` is
+    ``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))`` (see :func:`conv_padding`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -299,7 +308,7 @@ def conv_layer(kernel: str, padding: Any = "SAME", conv_fn: Callable | None = No
       >>> layer({"c": {"kernel": jnp.ones((3, 3, 1, 2))}}, jnp.ones((1, 4, 4, 1))).shape
       (1, 4, 4, 2)
     """
-    return LinearLayer(kernel, "conv", padding, conv_fn)
+    return LinearLayer(kernel, "conv", padding)
 
 
 class ChannelwiseLayer:

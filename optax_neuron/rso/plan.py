@@ -29,40 +29,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_neuron.fan_in import fan_in_axes, fan_in_size, first_match, path_str
+from optax_neuron._tree import is_none, path_str
+from optax_neuron._validate import check_rule_list
+from optax_neuron.fan_in import fan_in_axes, fan_in_size, first_match
 
 SigmaSpec = None | float | str | Sequence[tuple[str, float | str | None]]
 
-_ALWAYS = ("kernel", "w", "scale", "offset")
+_NORM = ("scale", "offset")
 _BIAS = ("bias", "b")
 
 
-def is_none(x: Any) -> bool:
-    return x is None
+def default_search(paths: Sequence[str], axes: Sequence[Any]) -> list[bool]:
+    """The leaves with fan-in axes (kernels, ``x @ W`` matrices) and norm parameters.
 
-
-def default_search(paths: Sequence[str]) -> list[bool]:
-    """Kernels and norm parameters; a bias only when it sits beside a ``scale``."""
+    A leaf is searched when its fan-in axes (``axes``, one per path) are non-empty, when
+    it is a norm ``scale``/``offset``, or when it is a ``bias`` beside a ``scale`` (a
+    norm's shift); dense and conv biases are not searched, as in the official code.
+    """
     present = set(paths)
     out = []
-    for p in paths:
+    for p, ax in zip(paths, axes, strict=True):
         parent, _, name = p.rpartition("/")
-        if name in _ALWAYS:
-            out.append(True)
-        elif name in _BIAS:
-            out.append((f"{parent}/scale" if parent else "scale") in present)
-        else:
-            out.append(False)
+        beside_scale = (f"{parent}/scale" if parent else "scale") in present
+        out.append(bool(ax) or name in _NORM or (name in _BIAS and beside_scale))
     return out
-
-
-def check_rules(name: str, rules: Any) -> tuple:
-    ok = isinstance(rules, (list, tuple)) and all(
-        isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) for r in rules
-    )
-    if not ok:
-        raise TypeError(f"{name}= must be a list of (glob, value) rules, got {rules!r}")
-    return tuple(rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +99,24 @@ def _axis_order(shape: tuple[int, ...], axes: tuple[int, ...], within: str) -> l
 def make_plan(
     params: Any, search: Any, order: Any, within: str = "row-major", fan_in: Any = None
 ) -> tuple[Plan, list]:
+    """The :class:`Plan` of a search over ``params`` and the flat leaves (``None`` kept).
+
+    ``search`` (rules or ``None``: :func:`default_search` on the fan-in axes of
+    ``fan_in``), ``order`` and ``within`` as in :func:`optax_neuron.rso`. Raises a
+    one-line error naming the path of a searched leaf that is not floating point, of
+    one no ``order`` glob places, or when nothing is searched.
+    """
     leaves_p, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)
     paths = tuple(path_str(p) for p, _ in leaves_p)
     leaves = [x for _, x in leaves_p]
+    axes_leaves: list[Any] = [()] * len(leaves)
+    if search is None or within == "neuron":
+        # flatten_up_to is missing from jax's type stub
+        axes_leaves = treedef.flatten_up_to(fan_in_axes(params, fan_in))  # type: ignore[attr-defined]
     if search is None:
-        flags = default_search(paths)
+        flags = default_search(paths, axes_leaves)
     else:
-        rules = check_rules("search", search)
+        rules = check_rule_list(search, "search", "rso")
         flags = [bool(first_match(p, rules)[1]) for p in paths]
     searched = [
         i
@@ -141,7 +142,7 @@ def make_plan(
     else:
         if isinstance(order, str) or not all(isinstance(g, str) for g in order):
             raise TypeError(
-                f"order= must be None, 'reverse', 'forward' or a list of globs, got {order!r}"
+                f"rso: order= must be None, 'reverse', 'forward' or a list of globs, got {order!r}"
             )
         visit = []
         for g in order:
@@ -151,16 +152,11 @@ def make_plan(
         missing = [paths[i] for i in searched if i not in visit]
         if missing:
             raise ValueError(
-                f"order= globs {list(order)} match no entry for searched "
+                f"rso: order= globs {list(order)} match no entry for searched "
                 f"parameter(s) {missing}; add a glob for them or exclude them "
                 "with search="
             )
     shapes = tuple(tuple(int(d) for d in jnp.shape(leaves[i])) for i in visit)
-    axes_leaves = [()] * len(leaves)
-    if within == "neuron":
-        axes = fan_in_axes(params, fan_in)
-        # flatten_up_to is missing from jax's type stub
-        axes_leaves = treedef.flatten_up_to(axes)  # type: ignore[attr-defined]
     digits, strides = [], []
     for i, shape in zip(visit, shapes, strict=True):
         row = [int(np.prod(shape[a + 1 :])) for a in range(len(shape))]
@@ -180,7 +176,7 @@ def sigma_of(spec: SigmaSpec, path: str, leaf: Any, axes: Any) -> Any:
     if spec is not None and not isinstance(spec, (list, tuple)):
         value = spec
     elif spec is not None:
-        value = first_match(path, check_rules("sigma", spec))[1]
+        value = first_match(path, check_rule_list(spec, "sigma", "rso"))[1]
     if value is None:
         s = jnp.std(jnp.asarray(leaf, jnp.float32))
         if not isinstance(s, jax.core.Tracer) and not float(s) > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -11,22 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_neuron._tree import is_none
+from optax_neuron._validate import check_rule_list, check_unit_interval
 from optax_neuron.fan_in import fan_in_axes, fan_in_size
 from optax_neuron.rso.layers import LayerStack
-from optax_neuron.rso.plan import (
-    SigmaSpec,
-    check_rules,
-    is_none,
-    make_plan,
-    owners,
-    sigma_of,
-)
+from optax_neuron.rso.plan import Plan, SigmaSpec, make_plan, owners, sigma_of
 from optax_neuron.rso.search import Search, run
 
 _STATIC = (
-    "static_args=('seed', 'weights_per_step', 'speculate', 'sigma', 'anneal', 'order', "
-    "'search', 'within', 'fan_in')"
+    "static_args=('seed', 'weights_per_step', 'sigma', 'anneal', 'order', 'search', "
+    "'within', 'fan_in', 'per_weight_batch', 'fast_path')"
 )
+_FAST_PATHS = ("incremental", "cache", "off")
+_WITHIN = ("row-major", "neuron")
 
 
 class RSOState(NamedTuple):
@@ -80,21 +78,131 @@ def _gathered(x: Any) -> tuple[Any, Any]:
     return jax.sharding.reshard(x, replicated), spec
 
 
-def _positive_int(name: str, value: Any) -> int:
+def _python_int(name: str, value: Any, low: int | None) -> int:
     if isinstance(value, jax.Array):
         raise TypeError(
             f"rso: {name} shapes the search and must be a Python int, got a JAX array; under "
             f"optax.inject_hyperparams list it in static_args, e.g. {_STATIC}"
         )
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"rso: {name} must be a positive int, got {value!r}")
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TypeError(f"rso: {name} must be an int, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"rso: {name} must be an int >= {low}, got {value!r}")
     return int(value)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"rso: {name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The arguments of :func:`rso`, validated once (see its docstring)."""
+
+    seed: int
+    weights_per_step: int
+    sigma: SigmaSpec
+    anneal: Callable[[jax.Array], Any] | None
+    order: Any
+    within: str
+    search: tuple[tuple[str, Any], ...] | None
+    weight_decay: Any  # float, or a scalar traced by optax.inject_hyperparams
+    fan_in: Any
+    per_weight_batch: bool
+    fast_path: str
+
+    @property
+    def decay(self) -> bool:
+        """Whether a visit decays the weight (always when the decay is traced)."""
+        return isinstance(self.weight_decay, jax.core.Tracer) or self.weight_decay != 0.0
+
+    @property
+    def needs_axes(self) -> bool:
+        rules = self.sigma if isinstance(self.sigma, tuple) else ()
+        return self.sigma == "he" or any(v == "he" for _, v in rules)
+
+
+def _config(
+    seed, weights_per_step, sigma, anneal, order, within, search, weight_decay, fan_in,
+    per_weight_batch, fast_path,
+) -> _Config:  # fmt: skip
+    if isinstance(sigma, (list, tuple)):
+        sigma = check_rule_list(sigma, "sigma", "rso")
+    elif isinstance(sigma, str) and sigma != "he":
+        raise ValueError(f"rso: sigma must be None, a float, 'he' or rules, got {sigma!r}")
+    if anneal is not None and not callable(anneal):
+        raise TypeError(f"rso: anneal must be a callable cycle -> factor, got {anneal!r}")
+    check_unit_interval(weight_decay, "weight_decay", "rso")
+    if not isinstance(weight_decay, jax.core.Tracer):
+        weight_decay = float(weight_decay)
+    if not isinstance(per_weight_batch, bool):
+        raise TypeError(f"rso: per_weight_batch must be a bool, got {per_weight_batch!r}")
+    return _Config(
+        seed=_python_int("seed", seed, None),
+        weights_per_step=_python_int("weights_per_step", weights_per_step, 1),
+        sigma=sigma,
+        anneal=anneal,
+        order=order,
+        within=_choice("within", within, _WITHIN),
+        search=None if search is None else check_rule_list(search, "search", "rso"),
+        weight_decay=weight_decay,
+        fan_in=fan_in,
+        per_weight_batch=per_weight_batch,
+        fast_path=_choice("fast_path", fast_path, _FAST_PATHS),
+    )
+
+
+def _check_call(cfg: _Config, state: RSOState, params: Any, value_fn: Any) -> Any:
+    """The checks of one ``update`` call; the dtype of the loss."""
+    if params is None:
+        raise ValueError(
+            "rso needs the current parameters: call update(updates, state, params, value_fn=...)"
+        )
+    if value_fn is None or not callable(value_fn):
+        key_hint = " (or value_fn(params, key) with per_weight_batch=True)"
+        raise ValueError(
+            "rso needs value_fn=, the loss of the parameters on the current minibatch: "
+            "update(updates, state, params, value_fn=lambda p: loss(p, batch))"
+            + (key_hint if cfg.per_weight_batch else "")
+        )
+    sampled = isinstance(value_fn, LayerStack) and value_fn.batch is not None
+    if isinstance(value_fn, LayerStack) and cfg.per_weight_batch != sampled:
+        raise ValueError(
+            "rso: a LayerStack with batch= (rows per weight from cached layer inputs) "
+            "needs per_weight_batch=True, and per_weight_batch=True with a LayerStack "
+            f"needs batch=; got batch={value_fn.batch!r}, per_weight_batch={cfg.per_weight_batch}"
+        )
+    if sampled and cfg.fast_path == "off":
+        raise ValueError(
+            "rso: a LayerStack with batch= is scored from cached layer inputs; "
+            "fast_path must be 'incremental' or 'cache', got 'off'"
+        )
+    key_args = (jax.random.key(0),) if cfg.per_weight_batch and not sampled else ()
+    try:
+        out = jax.eval_shape(value_fn, params, *key_args)
+    except TypeError as e:
+        args = "params, key" if cfg.per_weight_batch else "params"
+        raise TypeError(f"rso: calling value_fn({args}) failed: {e}") from e
+    if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"rso: value_fn must return a scalar floating loss, got {out}")
+    return out.dtype
+
+
+def _owners(cfg: _Config, value_fn: Any, plan: Plan, leaves: list) -> tuple[int, ...] | None:
+    """The layer of the stack owning each visited leaf; ``None`` for the black box."""
+    if not isinstance(value_fn, LayerStack) or cfg.fast_path == "off":
+        return None
+    tree = jax.tree_util.tree_unflatten(plan.treedef, leaves)
+    all_owners = owners(value_fn, tree, leaves, plan.treedef)
+    return tuple(min(all_owners[i], len(value_fn.layers) - 1) for i in plan.visit)
 
 
 def rso(
     *,
-    seed: int | jax.Array = 0,
-    weights_per_step: int | jax.Array = 1,
+    seed: int = 0,
+    weights_per_step: int = 1,
     sigma: SigmaSpec = None,
     anneal: Callable[[jax.Array], Any] | None = None,
     order: Any = None,
@@ -104,7 +212,6 @@ def rso(
     fan_in: Any = None,
     per_weight_batch: bool = False,
     fast_path: str = "incremental",
-    speculate: int | jax.Array = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """RSO random search as an Optax transformation (see :mod:`optax_neuron.rso`).
 
@@ -130,15 +237,16 @@ def rso(
       within: order inside a leaf: ``"row-major"`` or ``"neuron"`` (output neuron,
         then input channel, then kernel position: the paper's Algorithm 1).
       search: rules ``[(glob, bool)]`` choosing the searched leaves (no match: not
-        searched). Default: ``kernel``/``w`` leaves, norm ``scale``/``offset``, and a
-        ``bias`` only beside a ``scale`` (dense/conv biases are not searched, as in
-        the official code).
+        searched). Default: every leaf with fan-in axes under ``fan_in`` (kernels, and
+        the ``x @ W`` matrices of a plain pytree: ``{"W1": ..., "b1": ...}`` searches
+        ``W1``), norm ``scale``/``offset``, and a ``bias`` only beside a ``scale``
+        (dense/conv biases and embeddings are not searched, as in the official code).
       weight_decay: per visit, the visited weight becomes ``w - w * weight_decay``
         before its candidates are scored ("keep" keeps the decayed value; the official
         code uses ``1e-4``). With a decay, ``F(w)`` is scored again for every weight
         (three evaluations per weight).
-      fan_in: fan-in axes for ``sigma="he"`` and ``within="neuron"`` (any ``fan_in=``
-        form; default: the FLAX preset).
+      fan_in: fan-in axes for the default ``search``, ``sigma="he"`` and
+        ``within="neuron"`` (any ``fan_in=`` form; default: the FLAX preset).
       per_weight_batch: ``False``: ``value_fn(params)`` is the loss on the call's
         minibatch, reused for all its weights. ``True``: ``value_fn(params, key)``
         draws a fresh minibatch from ``key`` (the weight's ``k_batch``); three
@@ -150,14 +258,12 @@ def rso(
         ``"cache"``: re-run only from the layer that
         owns the searched leaf: exactly the black-box losses. ``"incremental"``
         (default): in addition, a :func:`dense_layer`/:func:`conv_layer` kernel's
-        candidate is added to the cached output as one column and carried through
-        :func:`channelwise` layers to the next linear layer (one input-channel slice
-        of its kernel); the losses then differ from the black box by float rounding
-        only (a decision can flip only on a near-tie). ``"off"``: the black box.
-      speculate: ``m > 1``: the candidates of the next ``m`` weights of the leaf are
-        scored against the same base in one ``vmap`` and the first improving one is
-        accepted (the sequential decisions; a batched loss may differ in the last
-        bit). ``1``: off. Not with ``weight_decay``.
+        candidate is added to the cached output as one column (a per-channel leaf of a
+        :func:`channelwise` layer, e.g. a BatchNorm scale, re-runs that one channel)
+        and carried through :func:`channelwise` layers to the next linear layer (one
+        input-channel slice of its kernel); the losses then differ from the black box
+        by float rounding only (a decision can flip only on a near-tie). ``"off"``: the
+        black box.
 
     Returns:
       A ``GradientTransformationExtraArgs``; ``update(updates, state, params, *,
@@ -174,166 +280,59 @@ def rso(
       >>> bool(loss(optax.apply_updates(params, updates)) <= loss(params))
       True
     """
-    seed = int(seed) if not isinstance(seed, jax.Array) else _positive_int("seed", seed)
-    weights_per_step = _positive_int("weights_per_step", weights_per_step)
-    if isinstance(speculate, jax.Array):
-        _positive_int("speculate", speculate)
-    if not isinstance(speculate, (int, np.integer)) or isinstance(speculate, bool) or speculate < 1:
-        raise ValueError(
-            f"rso: speculate must be a positive int (1 = off, m > 1 = m weights "
-            f"per batched evaluation), got {speculate!r}"
-        )
-    speculate = int(speculate)
-    if sigma is not None and isinstance(sigma, (list, tuple)):
-        check_rules("sigma", sigma)
-    elif isinstance(sigma, str) and sigma != "he":
-        raise ValueError(f"rso: sigma must be None, a float, 'he' or rules, got {sigma!r}")
-    if search is not None:
-        check_rules("search", search)
-    if fast_path not in ("incremental", "cache", "off"):
-        raise ValueError(
-            f"rso: fast_path must be 'incremental', 'cache' or 'off', got {fast_path!r}"
-        )
-    if within not in ("row-major", "neuron"):
-        raise ValueError(f"rso: within must be 'row-major' or 'neuron', got {within!r}")
-    if anneal is not None and not callable(anneal):
-        raise TypeError(f"rso: anneal must be a callable cycle -> factor, got {anneal!r}")
-    if isinstance(weight_decay, jax.core.Tracer):  # injected by optax.inject_hyperparams
-        decay = True
-    else:
-        if isinstance(weight_decay, jax.Array) and weight_decay.shape == ():
-            weight_decay = float(weight_decay)
-        if (
-            not isinstance(weight_decay, (int, float))
-            or isinstance(weight_decay, bool)
-            or not 0 <= weight_decay < 1
-        ):
-            raise ValueError(f"rso: weight_decay must be a float in [0, 1), got {weight_decay!r}")
-        weight_decay = float(weight_decay)
-        decay = weight_decay != 0.0
-    if decay and speculate > 1:
-        raise ValueError(
-            "rso: speculate > 1 assumes a rejected weight leaves the parameters "
-            "unchanged, which a weight_decay breaks; use speculate=1"
-        )
+    cfg = _config(
+        seed, weights_per_step, sigma, anneal, order, within, search, weight_decay, fan_in,
+        per_weight_batch, fast_path,
+    )  # fmt: skip
 
     def init_fn(params):
-        plan, leaves = make_plan(params, search, order, within, fan_in)
-        needs_axes = sigma == "he" or (
-            isinstance(sigma, (list, tuple)) and any(v == "he" for _, v in sigma)
-        )
-        axes = (
-            plan.treedef.flatten_up_to(fan_in_axes(params, fan_in))
-            if needs_axes
-            else [()] * len(leaves)
-        )
-        sig = {
-            plan.paths[i]: sigma_of(sigma, plan.paths[i], leaves[i], axes[i]) for i in plan.visit
+        plan, leaves = make_plan(params, cfg.search, cfg.order, cfg.within, cfg.fan_in)
+        axes = [()] * len(leaves)
+        if cfg.needs_axes:
+            axes = plan.treedef.flatten_up_to(fan_in_axes(params, cfg.fan_in))
+        sigma_d = {
+            plan.paths[i]: sigma_of(cfg.sigma, plan.paths[i], leaves[i], axes[i])
+            for i in plan.visit
         }
         return RSOState(
             rso_cursor=jnp.zeros([], jnp.int32),
             rso_cycle=jnp.zeros([], jnp.int32),
-            rso_sigma=sig,
-            rso_accepted={plan.paths[i]: jnp.zeros([], jnp.int32) for i in plan.visit},
+            rso_sigma=sigma_d,
+            rso_accepted={path: jnp.zeros([], jnp.int32) for path in sigma_d},
             rso_loss=jnp.full([], jnp.nan, jnp.float32),
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del updates, extra_args
-        if params is None:
-            raise ValueError(
-                "rso needs the current parameters: call update(updates, state, "
-                "params, value_fn=...)"
-            )
-        if value_fn is None or not callable(value_fn):
-            raise ValueError(
-                "rso needs value_fn=, the loss of the parameters on the current minibatch: "
-                "update(updates, state, params, value_fn=lambda p: loss(p, batch))"
-                + (
-                    " (or value_fn(params, key) with per_weight_batch=True)"
-                    if per_weight_batch
-                    else ""
-                )
-            )
-        plan, leaves = make_plan(params, search, order, within, fan_in)
-        missing = [plan.paths[i] for i in plan.visit if plan.paths[i] not in state.rso_sigma]
-        if missing:
-            raise ValueError(
-                f"rso: parameters {missing} are searched but not in the state; was "
-                "init called with these params?"
-            )
-        sampled = isinstance(value_fn, LayerStack) and value_fn.batch is not None
-        if isinstance(value_fn, LayerStack) and per_weight_batch != sampled:
-            raise ValueError(
-                "rso: a LayerStack with batch= (rows per weight from cached layer inputs) "
-                "needs per_weight_batch=True, and per_weight_batch=True with a LayerStack "
-                f"needs batch=; got batch={value_fn.batch!r}, per_weight_batch={per_weight_batch}"
-            )
-        if sampled and fast_path == "off":
-            raise ValueError(
-                "rso: a LayerStack with batch= is scored from cached layer inputs; "
-                "fast_path must be 'incremental' or 'cache', got 'off'"
-            )
-        key_args = (jax.random.key(0),) if per_weight_batch and not sampled else ()
-        try:
-            out = jax.eval_shape(value_fn, params, *key_args)
-        except TypeError as e:
-            args = "params, key" if per_weight_batch else "params"
-            raise TypeError(f"rso: calling value_fn({args}) failed: {e}") from e
-        if (
-            not hasattr(out, "shape")
-            or out.shape != ()
-            or not jnp.issubdtype(out.dtype, jnp.floating)
-        ):
-            raise ValueError(f"rso: value_fn must return a scalar floating loss, got {out}")
-        layered = isinstance(value_fn, LayerStack) and fast_path != "off"
-        gathered = [_gathered(leaves[i]) for i in plan.visit]
+        loss_dtype = _check_call(cfg, state, params, value_fn)
+        plan, leaves = make_plan(params, cfg.search, cfg.order, cfg.within, cfg.fan_in)
+        paths = [plan.paths[i] for i in plan.visit]
+        if missing := [p for p in paths if p not in state.rso_sigma]:
+            raise ValueError(f"rso: parameters {missing} are searched but not in the state; "
+                             "was init called with these params?")  # fmt: skip
+        gathered = [_gathered(leaves[i]) for i in plan.visit]  # (replicated leaf, its sharding)
         for (x, _), i in zip(gathered, plan.visit, strict=True):
             leaves[i] = x
-        p0 = [jnp.ravel(x) for x, _ in gathered]
-        owner = None
-        if layered:
-            tree = jax.tree_util.tree_unflatten(plan.treedef, leaves)
-            all_owners = owners(value_fn, tree, leaves, plan.treedef)
-            owner = tuple(min(all_owners[i], len(value_fn.layers) - 1) for i in plan.visit)
-        s = Search(
-            plan=plan,
-            leaves=leaves,
-            p0=p0,
-            sigma=jnp.stack([state.rso_sigma[plan.paths[i]] for i in plan.visit]).astype(
-                jnp.float32
-            ),
-            base=jax.random.key(seed),
-            anneal=anneal,
-            weights_per_step=weights_per_step,
-            weight_decay=weight_decay,
-            decay=decay,
-            per_weight_batch=per_weight_batch,
-            speculate=speculate,
-            value_fn=value_fn,
-            fast_path=fast_path,
-            owner=owner,
-        )
-        end = run(s, state.rso_cursor, state.rso_cycle, out.dtype)
-
-        new = [
-            None if x is None else jnp.zeros_like(x)
-            for x in jax.tree_util.tree_flatten(params, is_leaf=is_none)[0]
-        ]
-        for t, i in enumerate(plan.visit):
+        search = Search(
+            plan=plan, leaves=leaves, p0=[jnp.ravel(x) for x, _ in gathered],
+            sigma=jnp.stack([state.rso_sigma[p] for p in paths]).astype(jnp.float32),
+            base=jax.random.key(cfg.seed), anneal=cfg.anneal,
+            weights_per_step=cfg.weights_per_step, weight_decay=cfg.weight_decay,
+            decay=cfg.decay, per_weight_batch=cfg.per_weight_batch, value_fn=value_fn,
+            fast_path=cfg.fast_path, owner=_owners(cfg, value_fn, plan, leaves),
+        )  # fmt: skip
+        end = run(search, state.rso_cursor, state.rso_cycle, loss_dtype)
+        new = [None if x is None else jnp.zeros_like(x) for x in plan.treedef.flatten_up_to(params)]
+        for t, (i, (_, spec)) in enumerate(zip(plan.visit, gathered, strict=True)):
             u = end.upd[t].reshape(plan.shapes[t])
-            spec = gathered[t][1]
             new[i] = u if spec is None else jax.sharding.reshard(u, spec)
-        accepted = {
-            plan.paths[i]: state.rso_accepted[plan.paths[i]] + end.accepted[t]
-            for t, i in enumerate(plan.visit)
-        }
+        accepted = {p: state.rso_accepted[p] + end.accepted[t] for t, p in enumerate(paths)}
         return jax.tree_util.tree_unflatten(plan.treedef, new), RSOState(
             rso_cursor=end.cursor,
             rso_cycle=end.cycle,
             rso_sigma=state.rso_sigma,
             rso_accepted=accepted,
-            rso_loss=jnp.asarray(end.losses[0], jnp.float32),
+            rso_loss=jnp.asarray(end.loss, jnp.float32),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

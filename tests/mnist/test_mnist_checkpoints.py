@@ -27,7 +27,7 @@ def test_save_restore_round_trip_and_retention(tmp_path):
     ckpt = Checkpoints(tmp_path)
     for epoch in (1, 2, 3):
         ckpt.save(epoch, _state(epoch), SETTINGS, [{"epoch": e} for e in range(1, epoch + 1)])
-    assert ckpt.latest() == 3
+    assert checkpoints.latest_complete(tmp_path) == 3
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["2", "3", "epoch-2.json", "epoch-3.json"]  # the last two kept
     epoch, state, history = ckpt.restore(_state(0), SETTINGS)
@@ -59,7 +59,7 @@ def test_resume_errors_name_every_difference(tmp_path):
     ckpt = Checkpoints(tmp_path)
     ckpt.save(1, _state(1), SETTINGS, [{"epoch": 1}])
     ckpt.close()
-    assert checkpoints.check_resumable(tmp_path, dict(SETTINGS)) == 1
+    assert checkpoints.check_resumable(tmp_path, dict(SETTINGS)) == (1, [])  # nothing damaged
     changed = {**SETTINGS, "epochs": 4, "momentum": 0.5, "grad_stats": True, "data": "xyz"}
     with pytest.raises(SettingsMismatch) as err:
         checkpoints.check_resumable(tmp_path, changed)
@@ -108,3 +108,24 @@ def test_run_epochs_resumes_where_it_stopped(tmp_path):
     with pytest.raises(SettingsMismatch, match="--epochs was 3, now 5"):
         run_epochs(_state(1), checkpoint=str(tmp_path), resume=True,
                    **{**kw, "settings": {**SETTINGS, "epochs": 5}})  # fmt: skip
+
+
+def test_a_damaged_record_is_named_and_the_intact_one_before_is_restored(tmp_path):
+    ckpt = Checkpoints(tmp_path)
+    for epoch in (1, 2):
+        ckpt.save(epoch, _state(epoch), SETTINGS, [{"epoch": e} for e in range(1, epoch + 1)])
+    (tmp_path / "epoch-2.json").write_text('{"epoch": 2, "settings": {"epo')  # truncated
+    epoch, damaged = checkpoints.check_resumable(tmp_path, dict(SETTINGS))
+    assert epoch == 1 and len(damaged) == 1
+    assert damaged[0].startswith(f"the checkpoint record {tmp_path / 'epoch-2.json'} is damaged (")
+    assert damaged[0].endswith("; resuming from epoch 1 instead")
+    lines = []
+    epoch, state, history = ckpt.restore(_state(0), SETTINGS, log=lines.append)
+    ckpt.close()
+    assert (epoch, history, lines) == (1, [{"epoch": 1}], damaged)
+    np.testing.assert_array_equal(state["w"], np.full((2, 3), 1.0, np.float32))
+    assert (tmp_path / "epoch-2.json.damaged").exists() and not (tmp_path / "2").exists()
+    # every record damaged: nothing to resume, and the message names the file
+    (tmp_path / "epoch-1.json").write_text("")
+    with pytest.raises(NothingToResume, match=r"epoch-1\.json is damaged"):
+        checkpoints.check_resumable(tmp_path, dict(SETTINGS))

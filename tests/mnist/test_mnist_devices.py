@@ -1,4 +1,4 @@
-"""``--devices N``: the CLI trains data-parallel over N local devices (issue 17).
+"""``--devices N``: the CLI trains data-parallel over N local devices.
 
 The runs start the CLI in fresh processes (``python -m optax_neuron.mnist``, no
 ``XLA_FLAGS`` in the environment), so the CLI itself must make the CPU devices before JAX

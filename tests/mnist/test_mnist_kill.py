@@ -1,4 +1,5 @@
-"""Real interruptions of the command line: SIGKILL during an epoch and inside a save, Ctrl-C.
+"""Real interruptions of the command line: SIGKILL during an epoch and inside a save, Ctrl-C,
+SIGTERM, and a damaged checkpoint.
 
 Each case starts ``python -m optax_neuron.mnist`` as a subprocess on a tiny
 slice (``--limit-train 256``, 2 epochs), interrupts it at a known point, resumes
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,11 +81,11 @@ def straight(tmp_path_factory):
     """One uninterrupted run: its history and final checkpoint."""
     root = tmp_path_factory.mktemp("straight")
     _finish(_start(root / "ckpt", root / "out"))
-    return _history(root / "out"), _final_state(root / "ckpt")
+    return _history(root / "out"), _final_state(root / "ckpt"), root / "ckpt"
 
 
 def _assert_same_as_straight(straight, checkpoint: Path, out: Path) -> None:
-    history, state = straight
+    history, state, _ = straight
     assert _history(out) == history
     got = _final_state(checkpoint)
     assert len(got) == len(state) > 0
@@ -112,16 +114,37 @@ def test_sigkill_then_resume_is_bit_identical(where, tmp_path, straight):
     assert sorted(p.name for p in ckpt.iterdir()) == ["1", "2", "epoch-1.json", "epoch-2.json"]
 
 
-def test_ctrl_c_says_where_to_resume(tmp_path):
+@pytest.mark.parametrize(
+    ("sig", "code", "how"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+)
+def test_ctrl_c_and_sigterm_say_where_to_resume(sig, code, how, tmp_path, straight):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     proc = _start(ckpt, out, sleep="epoch 2 120")
     _wait_for(ckpt / "epoch-1.json", proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)  # nothing hangs
-    assert proc.returncode == 130
+    assert proc.returncode == code
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0] == (
-        f"optax-neuron-mnist: interrupted; last complete checkpoint: epoch 1 of neuron-mean-sgd "
+        f"optax-neuron-mnist: {how}; last complete checkpoint: epoch 1 of neuron-mean-sgd "
         f"in {ckpt}; run the same command with --resume to continue"
     )
+    if sig == signal.SIGTERM:  # nothing that was checkpointed is lost
+        _finish(_start(ckpt, out, "--resume"))
+        _assert_same_as_straight(straight, ckpt, out)
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumed(tmp_path, straight):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    shutil.copytree(straight[2], ckpt)  # the finished run's checkpoints (epochs 1 and 2)
+    record = ckpt / "epoch-2.json"
+    text = record.read_text()
+    record.write_text(text[: len(text) // 2])  # truncated, as by a full disk
+    resumed, _ = _finish(_start(ckpt, out, "--resume"))
+    assert f"the checkpoint record {record} is damaged (" in resumed
+    assert "resuming from epoch 1 instead" in resumed
+    assert f"resumed from {ckpt} after epoch 1" in resumed
+    _assert_same_as_straight(straight, ckpt, out)
+    assert (ckpt / "epoch-2.json.damaged").read_text() == text[: len(text) // 2]  # kept

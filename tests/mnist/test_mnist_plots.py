@@ -1,4 +1,4 @@
-"""Plots (issue 14, point 8): readable one-epoch curves with the validation curve; gradient
+"""Plots: readable one-epoch curves with the validation curve; gradient
 norms with one colour per parameter across panels, y labels, a legend outside, path names."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The ``rso-paper`` model in the layout of the official RSO code, against a plain NumPy net.
 
-The reference below is written from the layout described in issue 12 (facts of
+The reference below is written from the layout of the official code (facts of
 rohun-tripathi/RSO-gradient-free, ``train.py``): input minus the training-set
 mean; conv0 -> BN; then for convs 1..5: ReLU -> conv -> [2x2 average pool after
 convs 1 and 3 (0-based)] -> BN with batch statistics; global average pool (no

@@ -1,15 +1,12 @@
-"""The public names of issue 15: renamed API, deprecated aliases, shared helpers, ``help()``.
+"""The public API (``__all__``, ``help()``) and the private helpers every module shares.
 
-Each old name must still work for one release, give the same result as the new
-one and say (``DeprecationWarning``) what to use instead. The shared helpers of
-``_tree`` and ``_validate`` are checked against hand-written expectations.
+The shared helpers of ``_tree`` and ``_validate`` are checked against hand-written
+expectations and plain NumPy.
 """
 
 from __future__ import annotations
 
-import importlib
 import pydoc
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -20,89 +17,16 @@ import pytest
 import optax_neuron as on
 from optax_neuron import _tree, _validate, fan_in
 
-PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+# ------------------------------------------------------------------ public names
 
 
-def _state():
-    tx = optax.chain(on.gradient_norms(), on.running_gradient_mean())
-    _, state = tx.update(PARAMS, tx.init(PARAMS), PARAMS)
-    return state
-
-
-# ------------------------------------------------------------------ deprecated aliases
-
-
-def test_resolve_fan_in_is_fan_in_axes_with_the_old_argument_order():
-    rules = [("*kernel", (0,)), ("*bias", ())]
-    for old in (lambda: on.resolve_fan_in, lambda: fan_in.resolve_fan_in):
-        with pytest.warns(DeprecationWarning, match=r"fan_in_axes\(tree, fan_in\)"):
-            resolve = old()
-            got = resolve(rules, PARAMS)
-        assert got == on.fan_in_axes(PARAMS, rules) == {"dense": {"kernel": (0,), "bias": ()}}
-
-
-def test_none_constant_is_no_axes():
-    with pytest.warns(DeprecationWarning, match=r"fan_in\.NONE is deprecated; use .*NO_AXES"):
-        old = fan_in.NONE
-    assert old is fan_in.NO_AXES
-    assert old((3, 4)) == ()
-    with pytest.warns(DeprecationWarning):
-        from optax_neuron.fan_in import NONE  # noqa: F401  (the import form works too)
-
-
-def test_metrics_is_collect_metrics():
-    state = _state()
-    expected = on.collect_metrics(state)
-    assert set(expected) == {
-        "gradient_norm/dense/kernel",
-        "gradient_norm/dense/bias",
-        "gradient_norm/global",
-        "gradient_mean_norm/dense/kernel",
-        "gradient_mean_norm/dense/bias",
-    }
-    np.testing.assert_allclose(expected["gradient_norm/dense/kernel"], np.sqrt(6.0))
-    with pytest.warns(DeprecationWarning, match="use optax_neuron.collect_metrics"):
-        top = on.metrics(state, per_neuron=True)
-    with pytest.warns(DeprecationWarning, match="use optax_neuron.collect_metrics"):
-        module = on.grad_stats.metrics(state)
-    with pytest.warns(DeprecationWarning):
-        from optax_neuron import metrics  # the import form goes through the same alias
-    assert module.keys() == expected.keys()
-    assert set(top) == set(on.collect_metrics(state, per_neuron=True))
-    assert metrics is on.collect_metrics
-
-
-@pytest.mark.parametrize(
-    ("name", "module"),
-    [
-        ("NeuronMeanTraceState", "neuron_mean"),
-        ("RunningGradientMeanState", "grad_stats"),
-        ("GradientNormsState", "grad_stats"),
-    ],
-)
-def test_state_classes_moved_to_their_modules(name, module):
-    home = getattr(importlib.import_module(f"optax_neuron.{module}"), name)
-    with pytest.warns(DeprecationWarning, match=rf"optax_neuron\.{module}\.{name}"):
-        old = getattr(on, name)
-    assert old is home
-    assert name not in on.__all__
-
-
-def test_new_names_do_not_warn():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        on.fan_in_axes(PARAMS)
-        on.fan_in_axes(PARAMS, fan_in.FLAX_STRICT)
-        on.collect_metrics(_state())
-        on.neuron_mean_sgd(0.1).init(PARAMS)
-        assert fan_in.NO_AXES((2,)) == ()
-
-
-def test_unknown_attribute_is_still_an_attribute_error():
+def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         _ = on.not_a_name
-    with pytest.raises(AttributeError, match="no attribute 'NONE_'"):
-        _ = fan_in.NONE_
+    # Names of an API that was never released are not kept as aliases.
+    for name in ("metrics", "resolve_fan_in", "NeuronMeanTraceState"):
+        assert not hasattr(on, name), name
+    assert not hasattr(fan_in, "NONE") and not hasattr(fan_in, "resolve_fan_in")
 
 
 def test_public_names_exist():
@@ -141,6 +65,47 @@ def test_path_str_and_leaves_with_paths():
     assert _tree.path_str((jax.tree_util.DictKey("value"),)) == "value"  # a module named value
     assert _tree.path_str(()) == ""
     assert fan_in.path_str is _tree.path_str  # one home, re-exported
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes"),
+    [
+        ((3, 4), (0,)),
+        ((2, 3, 5), (0, 1)),
+        ((4, 3), (1,)),
+        ((2, 3, 4), (1,)),
+        ((3, 4), ()),
+        ((0, 4), (0,)),
+    ],
+)
+def test_fan_in_mean_matches_numpy(shape, axes):
+    x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) - 3.5
+    got = np.asarray(_tree.fan_in_mean(jnp.asarray(x), axes, jnp.float32))
+    if not axes:
+        expected = x
+    elif x.size == 0:
+        expected = np.zeros([1 if i in axes else d for i, d in enumerate(shape)], np.float32)
+    else:
+        expected = x.mean(axis=axes, keepdims=True)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_check_float_dtype():
+    assert _validate.check_float_dtype(None, "mu_dtype") is None
+    assert _validate.check_float_dtype("bfloat16", "mu_dtype") == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"^f: accumulator_dtype must be a floating-point dtype"):
+        _validate.check_float_dtype(jnp.int32, "accumulator_dtype", "f")
+    with pytest.raises(ValueError, match=r"^mu_dtype must be a floating-point dtype, got 'x1'$"):
+        _validate.check_float_dtype("x1", "mu_dtype")
+    # Each transformation that keeps state in such a dtype goes through it.
+    for build in (
+        lambda: on.neuron_mean_trace(0.9, accumulator_dtype=jnp.int8),
+        lambda: on.scale_by_neuron_adam(mu_dtype=jnp.int8),
+        lambda: on.running_gradient_mean(accumulator_dtype=jnp.int8),
+    ):
+        with pytest.raises(ValueError, match="must be a floating-point dtype, got int8"):
+            build()
 
 
 @pytest.mark.parametrize(
