@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import optax_neuron as on
-from optax_neuron.mnist.rso import RSOSearch, cross_entropy_sum64
+from optax_neuron.mnist.rso import cross_entropy_sum64
 
 
 def _numpy_sum64(logits, labels):
@@ -90,24 +90,16 @@ def test_search_orders_candidates_by_the_float64_sum():
 
 
 def _conv_net():
-    def bn(p, h):
-        mean, var = jnp.mean(h, axis=(0, 1, 2)), jnp.var(h, axis=(0, 1, 2))
-        return (h - mean) * jax.lax.rsqrt(var + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
-
+    """conv 3x3 (1 -> 2) -> ReLU and global mean -> dense 2 -> 3: two searched leaves."""
     layers = [
         on.conv_layer("conv0/kernel"),
-        on.channelwise(bn, per_channel=["bn/scale", "bn/bias"]),
         on.channelwise(lambda p, h: jnp.mean(jax.nn.relu(h), axis=(1, 2))),
         on.dense_layer("dense/kernel"),
     ]
     rng = np.random.default_rng(2)
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
-    params = {
-        "conv0": {"kernel": normal(3, 3, 1, 2)},
-        "bn": {"scale": jnp.ones(2), "bias": jnp.zeros(2)},
-        "dense": {"kernel": normal(2, 3)},
-    }
-    x, y = normal(24, 5, 5, 1), jnp.asarray(rng.integers(0, 3, 24), jnp.int32)
+    params = {"conv0": {"kernel": normal(3, 3, 1, 2)}, "dense": {"kernel": normal(2, 3)}}
+    x, y = normal(16, 5, 5, 1), jnp.asarray(rng.integers(0, 3, 16), jnp.int32)
     return layers, params, x, y
 
 
@@ -115,11 +107,11 @@ def test_float64_mode_leaves_a_float32_search_unchanged():
     """With a float32 loss, the search traced with x64 enabled is the float32 search bit for
     bit (the int32 indices, the rows drawn per weight and the steps keep their types), so
     ``loss="sum64"`` changes the loss and nothing else. (A fresh batch per weight on the
-    incremental path: the path that met 64-bit indices.)"""
+    incremental path, the convolution searched: the path that met 64-bit indices.)"""
     layers, params, x, y = _conv_net()
     ce = lambda out, t: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, t))
-    tx = on.rso(weights_per_step=30, sigma=[("bn/*", 0.167), ("*", "he")], within="neuron",
-                weight_decay=1e-4,
+    tx = on.rso(weights_per_step=18, sigma="he", within="neuron", weight_decay=1e-4,
+                search=[("conv0/*", True), ("*", False)],
                 anneal=optax.linear_schedule(1.0, 0.1, 5), per_weight_batch=True)  # fmt: skip
     stack = on.LayerStack(layers, ce, x, y, batch=8)
 
@@ -137,31 +129,26 @@ def test_float64_mode_leaves_a_float32_search_unchanged():
     assert sum(int(v) for v in plain[1].rso_accepted.values()) > 0
 
 
-def test_application_search_with_the_sum64_loss():
+def test_application_search_with_the_sum64_loss(monkeypatch):
     """The step is traced with float64 and keeps every type of its state (the next call
     reuses the compiled step; checkpoints do not change), its loss is float64 inside; a
     bad loss name is refused. (Shapes only: compiling the step takes half a minute.)"""
-    from flax import nnx
-
-    from optax_neuron.mnist.models import rso_paper
+    from _rso_nets import paper_search_as_shapes
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.random((32, 28, 28, 1)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 32), jnp.int32)
     with pytest.raises(ValueError, match="rso loss must be one of"):
-        RSOSearch(rso_paper(nnx.Rngs(0), channels=2), x, y, batch=8, cycles=2, loss="sum")
-    search = RSOSearch(rso_paper(nnx.Rngs(0), channels=2), x, y, batch=8, cycles=2, chunk=60,
-                       loss="sum64")  # fmt: skip
+        paper_search_as_shapes(monkeypatch, x, y, batch=8, cycles=2, loss="sum")
+    search = paper_search_as_shapes(monkeypatch, x, y, batch=8, cycles=2, chunk=60,
+                                    loss="sum64")  # fmt: skip
     args = (search.params, search.state, x, y, jnp.arange(32), 0)
-    out = jax.eval_shape(search._step, *args)
-    assert jax.tree.map(lambda a: (a.shape, a.dtype), out) == jax.tree.map(
-        lambda a: (a.shape, a.dtype), args[:2]
-    )
+    jaxpr = jax.make_jaxpr(search._step)(*args)  # the step enters enable_x64 itself
+    want = [(a.shape, a.dtype) for a in jax.tree.leaves(args[:2])]
+    assert [(a.shape, a.dtype) for a in jaxpr.out_avals] == want
+    assert "f64[8,10]" in str(jaxpr)  # the logits of the 8 images, cast for the loss
     with pytest.raises(ValueError, match="enable_x64"):
         jax.eval_shape(search._step.jitted, *args)  # the float64 loss outside enable_x64
-    with jax.enable_x64(True):
-        jaxpr = jax.make_jaxpr(search._step.jitted)(*args)
-    assert "f64[8,10]" in str(jaxpr)  # the logits of the 8 images, cast for the loss
 
 
 def test_cli_rso_loss_flag():
