@@ -26,8 +26,8 @@ Before anything runs it checks what it needs (Python packages, the MNIST data, d
 and host memory, disk) and names everything missing in one line (exit code 2).
 It writes ``<out>/device_suite.json`` (every figure, the device named) and
 ``<out>/device_suite.md`` (rows for ``benchmarks/README.md``), plus the RSO metrics
-and the PGPE plot. ``--quick`` runs every step at toy size on the CPU (part of
-``make test``, ``tests/test_device_suite.py``).
+and the PGPE plot. ``--quick`` runs every step at toy size on the CPU, the CLI's runs in
+this process (part of ``make test``, ``tests/test_device_suite.py``).
 
     python benchmarks/device_suite.py --out outputs/device_suite          # ~10 min
     python benchmarks/device_suite.py --quick --out /tmp/suite            # smoke run
@@ -245,11 +245,32 @@ def _cli(argv: list[str], timeout: float) -> tuple[int, str, float]:
     return proc.returncode, out, time.perf_counter() - t
 
 
+def _cli_here(argv: list[str]) -> tuple[int, str, float]:
+    """``--quick``: the CLI called in this process (no start-up; the data read once)."""
+    from optax_neuron.mnist.__main__ import main as cli
+
+    t = time.perf_counter()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            rc = cli(["--no-progress", *argv])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+    sys.stdout.write(buf.getvalue())
+    return rc, buf.getvalue(), time.perf_counter() - t
+
+
+def _run_cli(args, argv: list[str], timeout: float) -> tuple[int, str, float]:
+    return _cli_here(argv) if args.quick else _cli(argv, timeout)
+
+
 def step_demo(args) -> dict:
     out = args.work / "demo"
     shutil.rmtree(out, ignore_errors=True)
     extra = ["--model", "mlp", "--hidden", "16", "--epochs", "1", "--limit-train", "512"]
-    rc, text, wall = _cli(["--out", str(out), *(extra if args.quick else [])], args.budget)
+    rc, text, wall = _run_cli(
+        args, ["--out", str(out), *(extra if args.quick else [])], args.budget
+    )
     if rc != 0:
         return {"status": "failed", "returncode": rc, "tail": text[-2000:]}
     metrics = json.loads((out / "metrics.json").read_text())
@@ -290,7 +311,7 @@ def step_rso(args, seconds: float) -> dict:
         left = seconds - (time.perf_counter() - t0)
         if not calls:  # the first cycle must end, or no call ever gets further
             left = max(left, FIRST_CYCLE_S)
-        rc, text, wall = _cli(argv + (["--resume"] if before else []), left)
+        rc, text, wall = _run_cli(args, argv + (["--resume"] if before else []), left)
         now = done()
         calls.append({"stop_after": target, "returncode": rc, "wall_s": wall, "cycles_after": now})
         if rc != 0 or now < target or now >= RSO_CYCLES:

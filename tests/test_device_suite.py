@@ -1,7 +1,7 @@
 """``benchmarks/device_suite.py --quick``: every step of the accelerator suite runs on the CPU.
 
-One quick run (toy sizes; the update-step benchmark on its tiny transformer-shaped tree
-only and ``bench_rso_peer.main`` replaced by a stand-in: both scripts run in
+One quick run (toy sizes; the update-step benchmark on a one-layer tree and
+``bench_rso_peer.main`` replaced by a stand-in: both scripts run in
 ``test_benchmarks_smoke.py``, here their wiring is checked) must write the JSON and
 the Markdown with every step ``ok``, run the RSO step as two CLI calls of which the second
 resumes the first's checkpoint, and put the device in the report. A missing requirement
@@ -23,9 +23,10 @@ sys.path.insert(0, str(BENCH))
 def test_quick_run_writes_every_step(tmp_path, monkeypatch):
     import bench_update_step
     import device_suite
+    import jax.numpy as jnp
 
-    tiny = bench_update_step.trees(True)["transformer (tiny)"]
-    monkeypatch.setattr(bench_update_step, "trees", lambda quick: {"transformer (tiny)": tiny})
+    tiny = lambda: {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}  # one layer
+    monkeypatch.setattr(bench_update_step, "trees", lambda quick: {"tiny": tiny})
     import bench_rso_peer
 
     peer_argv = []
@@ -42,7 +43,7 @@ def test_quick_run_writes_every_step(tmp_path, monkeypatch):
     assert list(steps) == ["tests", "update_step", "demo", "rso", "pgpe"]
     assert {k: s["status"] for k, s in steps.items()} == dict.fromkeys(steps, "ok"), steps
     assert steps["tests"]["counts"] == {"passed": 1}
-    adam = steps["update_step"]["neuron_adam_s"]["transformer (tiny)"]
+    adam = steps["update_step"]["neuron_adam_s"]["tiny"]
     assert set(adam) == {"optax adam", "neuron_adam full", "neuron_adam neuron"}
     assert 0.0 <= steps["demo"]["test_accuracy"] <= 1.0
     rso = steps["rso"]
