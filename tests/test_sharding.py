@@ -1,9 +1,10 @@
 """Scale-out on one host: every piece on Auto and Explicit 4-device meshes.
 
-The sweep, ``tests/_sharded_check.py``: every case of the conformance registry
-(``tests/test_conformance.CASES``) trains a small two-layer model for three jitted steps on
-a mesh ``jax.make_mesh((4,), ("x",))`` with two layouts: data-parallel (params replicated,
-batch sharded) and model-sharded (kernels ``P(None, "x")`` over their out axis, the bias
+The sweep, ``tests/_sharded_check.py``: one case of the conformance registry
+(``tests/test_conformance.CASES``) per kind of optimizer state and code path (its
+``SWEPT``) trains a small two-layer model for three jitted steps on a mesh
+``jax.make_mesh((4,), ("x",))`` with two layouts: data-parallel (params replicated, batch
+sharded) and model-sharded (kernels ``P(None, "x")`` over their out axis, the bias
 ``P("x")``, batch replicated). The reference is the same run on one device. Each axis type
 is swept once: ``Auto`` here, in ONE subprocess with four simulated CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=4``; this process already has its
@@ -47,7 +48,7 @@ import subprocess
 import sys
 
 import pytest
-from test_conformance import CASES
+from _sharded_check import CASES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECK = os.path.join(HERE, "_sharded_check.py")

@@ -77,10 +77,9 @@ def _history(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """One uninterrupted run: its history and final checkpoint."""
-    root = tmp_path_factory.mktemp("straight")
-    _finish(_start(root / "ckpt", root / "out"))
+def straight(run_once):
+    """One uninterrupted run (one per pytest run): its history and final checkpoint."""
+    root = run_once("kill_straight", lambda d: _finish(_start(d / "ckpt", d / "out")))
     return _history(root / "out"), _final_state(root / "ckpt"), root / "ckpt"
 
 
