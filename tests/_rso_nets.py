@@ -94,3 +94,22 @@ def small_cnn_loss(x, y, reduce="mean"):
         return per_example.sum() if reduce == "sum" else per_example.mean()
 
     return loss
+
+
+def paper_search_as_shapes(monkeypatch, x, y, **kwargs):
+    """The application's ``RSOSearch`` on ``rso-paper`` (2 channels) for lowering and tracing.
+
+    Tracing sees shapes only: the model is built as shapes and filled with zeros, and
+    ``rso_init`` (eager draws that compile for seconds) is made to keep them.
+    """
+    import numpy as np
+    from flax import nnx
+
+    import optax_neuron as on
+    from optax_neuron.mnist.models import rso_paper
+    from optax_neuron.mnist.rso import RSOSearch
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: rso_paper(nnx.Rngs(0), channels=2)))
+    state = jax.tree.map(lambda a: jnp.asarray(np.zeros(a.shape, a.dtype)), state)
+    monkeypatch.setattr(on, "rso_init", lambda key, params: params)
+    return RSOSearch(nnx.merge(graphdef, state), x, y, **kwargs)

@@ -25,10 +25,12 @@ from optax_neuron.mnist.settings import FLAGS
 
 __all__ = [
     "FRESH_BATCH",
+    "RSO_LOSSES",
     "RSO_NORM_SIGMA",
     "RSO_WEIGHT_DECAY",
     "RSOSearch",
     "calibrate_batch_norm",
+    "cross_entropy_sum64",
     "he_sigma",
     "official_anneal",
     "official_order",
@@ -129,6 +131,42 @@ def _cross_entropy(logits, labels):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
+def cross_entropy_sum64(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    r"""The RSO official code's loss: the cross-entropy summed over the batch in float64.
+
+    .. math::
+
+        F = -\sum_{i=1}^{B} \log \operatorname{softmax}(z_i)_{y_i}
+
+    with the logits ``z`` cast to float64 before the log-softmax, and the sum and the
+    result in float64 (the official code casts the network's output to float64, takes
+    ``log_softmax`` and sums). Where the float32 mean rounds the loss of a batch of
+    5000 to about ``6e-8`` of its value, this resolves about ``1e-16``: candidates that
+    differ by less than a float32 step are still ordered. It needs float64, so it must
+    be traced with ``jax.enable_x64(True)`` (``RSOSearch(loss="sum64")`` traces its step
+    so); without it, it raises instead of silently computing in float32.
+
+    Example:
+      >>> with jax.enable_x64(True):
+      ...     loss = cross_entropy_sum64(jnp.zeros((4, 10)), jnp.arange(4))
+      >>> loss.dtype, round(float(loss), 6)
+      (dtype('float64'), 9.21034)
+    """
+    if not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            "cross_entropy_sum64 needs float64: trace it inside jax.enable_x64(True) "
+            "(RSOSearch(loss='sum64') does)"
+        )
+    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float64), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.asarray(labels, jnp.int32)[:, None], axis=-1)
+    return -jnp.sum(picked)
+
+
+RSO_LOSSES = {"mean": _cross_entropy, "sum64": cross_entropy_sum64}
+"""``--rso-loss`` choices: the float32 mean cross-entropy (default), or the official
+code's float64 sum (:func:`cross_entropy_sum64`)."""
+
+
 def _chunk_size(total: int, target: int) -> int:
     """The largest divisor of ``total`` not above ``target`` (whole calls per cycle)."""
     target = max(1, min(target, total))
@@ -180,9 +218,13 @@ def he_sigma(model: nnx.Sequential) -> list[tuple[str, float | str]]:
 
 
 def official_anneal(cycles: int) -> Callable:
-    """The official step schedule ``0.1 + 0.9 (T - c) / T`` for cycle ``c = 0..T-1``."""
+    """The official step schedule ``0.1 + 0.9 (T - c) / T`` for cycle ``c = 0..T-1``.
+
+    Computed in float32 also where float64 is enabled (``loss="sum64"``), so both losses
+    draw the same steps.
+    """
     t = max(int(cycles), 1)
-    return lambda c: 0.1 + 0.9 * (t - c) / t
+    return lambda c: 0.1 + 0.9 * (t - jnp.asarray(c, jnp.float32)) / t
 
 
 class RSOSearch:
@@ -202,6 +244,12 @@ class RSOSearch:
     per leaf (``LayerStack(..., batch=)`` with ``per_weight_batch``: the official
     code's scheme; the layers before the searched one use the statistics of the
     whole training set where the official code uses those of 2,000 images).
+    Loss: ``loss="mean"``, the float32 mean cross-entropy of the minibatch, or
+    ``"sum64"``, the official code's float64 sum (:func:`cross_entropy_sum64`): the
+    step is then traced and run with ``jax.enable_x64(True)``, so the search compares
+    and carries the losses in float64; the network, the parameters and the state stay
+    float32 (every other operation keeps its dtype: the parameters the two losses
+    reach differ only where the losses order the candidates differently).
 
     Example:
       >>> search = RSOSearch(model, x_train, y_train, batch=256, cycles=5)  # doctest: +SKIP
@@ -220,10 +268,14 @@ class RSOSearch:
         fresh_batch: str = "chunk",
         seed: int = 0,
         fast_path: str = "incremental",
+        loss: str = "mean",
         weight_decay: float = RSO_WEIGHT_DECAY,
     ):
         if fresh_batch not in FRESH_BATCH:
             raise ValueError(f"rso fresh batch must be one of {FRESH_BATCH}, got {fresh_batch!r}")
+        if loss not in RSO_LOSSES:
+            raise ValueError(f"rso loss must be one of {tuple(RSO_LOSSES)}, got {loss!r}")
+        self.loss = loss
         self.n = int(x_train.shape[0])
         self.batch = min(batch, self.n)
         self.seed = seed
@@ -251,15 +303,16 @@ class RSOSearch:
         self.tx = on.rso(
             weights_per_step=self.chunk, per_weight_batch=fresh_batch == "weight", **kwargs
         )
-        self._step = jax.jit(self._chunk_step)
+        jitted = jax.jit(self._chunk_step)
+        self._step = _with_x64(jitted) if loss == "sum64" else jitted
 
     def _chunk_step(self, params, opt_state, x_train, y_train, perm, call):
         if self.fresh_batch == "chunk":  # the next minibatch of the cycle's shuffle
             idx = perm[(call * self.batch + jnp.arange(self.batch)) % self.n]
-            value_fn = on.LayerStack(self.layers, _cross_entropy, x_train[idx], y_train[idx])
+            value_fn = on.LayerStack(self.layers, RSO_LOSSES[self.loss], x_train[idx], y_train[idx])
         else:  # every weight: its own rows of its layer's input over the training set
             value_fn = on.LayerStack(
-                self.layers, _cross_entropy, x_train, y_train, batch=self.batch
+                self.layers, RSO_LOSSES[self.loss], x_train, y_train, batch=self.batch
             )
         updates, opt_state = self.tx.update(params, opt_state, params, value_fn=value_fn)
         return optax.apply_updates(params, updates), opt_state
@@ -273,7 +326,8 @@ class RSOSearch:
             params, opt_state = self._step(params, opt_state, x_train, y_train, perm, c)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(opt_state.rso_loss):.4f}")
+                mean = float(opt_state.rso_loss) / (self.batch if self.loss == "sum64" else 1)
+                bar.set_postfix(loss=f"{mean:.4f}")
         return params, opt_state
 
     def to_model(self, params, x_train):
@@ -283,6 +337,17 @@ class RSOSearch:
         if any(isinstance(layer, nnx.BatchNorm) for layer in m.layers):
             calibrate_batch_norm(m, x_train[: min(self.n, 2000)])
         return m
+
+
+def _with_x64(jitted: Callable) -> Callable:
+    """``jitted`` traced and called with ``jax.enable_x64(True)``; ``.lower``/export: the same."""
+
+    def step(*args):
+        with jax.enable_x64(True):
+            return jitted(*args)
+
+    step.jitted = jitted  # type: ignore[attr-defined]
+    return step
 
 
 def _searched_count(state: Any, params: Any) -> int:
@@ -304,6 +369,7 @@ def run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
         chunk=config.rso_chunk,
         fresh_batch=config.rso_fresh_batch,
         seed=config.seed,
+        loss=config.rso_loss,
         weight_decay=config.rso_weight_decay,
     )
     params, opt_state = search.params, search.state
@@ -321,7 +387,8 @@ def run_rso(config, data, model, x_train, y_train, *, writer, progress, log):
             state["params"], state["rso"], cycle, x_train, y_train, bar
         )
         bar.close()
-        return {"params": params, "rso": opt_state}, {"train_loss": float(opt_state.rso_loss)}
+        loss = float(opt_state.rso_loss) / (batch if search.loss == "sum64" else 1)
+        return {"params": params, "rso": opt_state}, {"train_loss": loss}  # a mean either way
 
     def measure(state):
         model = search.to_model(state["params"], x_train)

@@ -17,7 +17,7 @@ Example:
   >>> config = TrainConfig(optimizer="rso", epochs=2)
   >>> check_config(config)
   >>> [k for k in applied(config) if k.startswith("rso_")]
-  ['rso_batch_size', 'rso_fresh_batch', 'rso_weight_decay', 'rso_chunk']
+  ['rso_batch_size', 'rso_fresh_batch', 'rso_weight_decay', 'rso_loss', 'rso_chunk']
   >>> "batch_size" in applied(config), "rso_weight_decay" in applied(config)
   (False, True)
 """
@@ -253,6 +253,15 @@ FLAGS: dict[str, Flag] = {
             "RSO: weights multiplied by (1 - this) at every visit, as the official code",
             frozenset({"rso"}),
             DECAY,
+        ),
+        _flag(
+            "rso_loss",
+            "mean",
+            "RSO: the loss that orders the candidates: the float32 mean cross-entropy "
+            "(mean) or, as the RSO paper's official code, the cross-entropy summed over "
+            "the minibatch in float64 (sum64)",
+            frozenset({"rso"}),
+            choices=("mean", "sum64"),
         ),
         _flag(
             "checkpoint",

@@ -149,7 +149,7 @@ class LayerStack:
         if self.batch is None:
             raise ValueError("LayerStack.rows: this stack has no batch= (rows per weight)")
         n = jax.tree.leaves(self.inputs)[0].shape[0]
-        return jax.random.randint(key, (self.batch,), 0, n)
+        return jax.random.randint(key, (self.batch,), 0, n, dtype=jnp.int32)  # same with x64
 
     def tail(self, k: int, h_k: Any, rows: jax.Array) -> LayerStack:
         """The stack of ``layers[k:]`` on the rows ``rows`` of ``h_k``, the input of layer ``k``."""
@@ -229,7 +229,8 @@ class LinearLayer:
         n = h.shape[0]
         ho = hp.shape[1] - kh + 1
         wo = hp.shape[2] - kw + 1
-        return o, jax.lax.dynamic_slice(hp, (0, a, b, i), (n, ho, wo, 1))
+        zero = jnp.zeros_like(a)  # the index type of a, b, i (a Python 0 is int64 with x64)
+        return o, jax.lax.dynamic_slice(hp, (zero, a, b, i), (n, ho, wo, 1))
 
     def add_column(self, out, h, kshape, flat_index, delta, apply=True):
         """``out`` plus the effect of ``W.flat[flat_index] += delta`` (where ``apply``)."""
@@ -256,7 +257,8 @@ class LinearLayer:
         x = jax.lax.dynamic_index_in_dim(h_cm, i, axis=0, keepdims=False)  # (N, H, W)
         xp = jnp.pad(x, ((0, 0), *self._pads(kshape)))
         ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-        return o, jax.lax.dynamic_slice(xp, (0, a, b), (x.shape[0], ho, wo))[..., None]
+        zero = jnp.zeros_like(a)  # the index type of a, b (a Python 0 is int64 with x64)
+        return o, jax.lax.dynamic_slice(xp, (zero, a, b), (x.shape[0], ho, wo))[..., None]
 
     def add_input_channel(self, params, out, d, channel):
         """``out + A(W[..., c:c+1, :], d)``: input channel ``c = channel`` changed by ``d``.
