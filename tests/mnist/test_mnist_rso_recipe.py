@@ -20,29 +20,32 @@ from optax_neuron.mnist.rso import (
 )
 
 
-def _paper(channels=2):
-    model = make_model("rso-paper", nnx.Rngs(0), channels=channels)
+@pytest.fixture(scope="module")
+def paper():
+    """The paper net with 2 channels: the same kernel shapes as ``small_paper_model``, so
+    their random initialisers compile once."""
+    model = make_model("rso-paper", nnx.Rngs(0), channels=2)
     model.train()
     return model
 
 
-def test_official_leaf_order_of_the_paper_net():
-    model = _paper()
+def test_official_leaf_order_of_the_paper_net(paper):
+    model = paper
     # Layer indices of rso-paper: convs 1, 4, 8, 11, 15, 18; BatchNorms 2, 6, 9, 13, 16, 19;
     # dense 21.
     expected = ["layers/21/kernel"]
     for conv, bn in ((18, 19), (15, 16), (11, 13), (8, 9), (4, 6), (1, 2)):
         expected += [f"layers/{conv}/kernel", f"layers/{bn}/bias", f"layers/{bn}/scale"]
-    params = on.rso_init(jax.random.key(0), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     state = on.rso(order=official_order(model), sigma=he_sigma(model)).init(params)
     assert list(state.rso_sigma) == expected  # the state lists the leaves in visiting order
 
 
-def test_he_step_and_norm_step():
-    model = _paper(channels=3)
-    params = on.rso_init(jax.random.key(0), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    sig = on.rso(sigma=he_sigma(model)).init(params).rso_sigma
-    fan_in = {"layers/1/kernel": 9 * 1, "layers/4/kernel": 9 * 3, "layers/21/kernel": 3}
+def test_he_step_and_norm_step(paper):
+    model = paper
+    sig = on.rso(sigma=he_sigma(model)).init(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    sig = sig.rso_sigma
+    fan_in = {"layers/1/kernel": 9 * 1, "layers/4/kernel": 9 * 2, "layers/21/kernel": 2}
     for path, f in fan_in.items():
         np.testing.assert_allclose(float(sig[path]), np.sqrt(2.0 / f), rtol=1e-6)
     assert RSO_NORM_SIGMA == 0.167
@@ -161,7 +164,7 @@ def test_weight_mode_runs_a_cycle_with_fresh_rows_per_weight(monkeypatch):
 def test_bad_fresh_batch():
     x, y = _data(n=16)
     with pytest.raises(ValueError, match="rso fresh batch must be one of"):
-        RSOSearch(_paper(), x, y, batch=8, cycles=1, fresh_batch="epoch")
+        RSOSearch(small_paper_model(), x, y, batch=8, cycles=1, fresh_batch="epoch")
 
 
 def test_model_mean_is_set_from_the_training_set():
