@@ -98,6 +98,11 @@ def run_pgpe(
     es_params = es.default_params.replace(std_init=std_init)
     key = jax.random.key(seed + 1)
     state = es.init(key, init, es_params)
+    # strongly typed like the state ``generation`` returns: a weak-typed init state would
+    # compile ``generation`` a second time, inside the measured budget
+    state = jax.tree.map(
+        lambda a: jnp.asarray(a, a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state
+    )
     n = x_train.shape[0]
 
     @jax.jit
@@ -210,7 +215,9 @@ def plot(pgpe: list[dict], rso: list[dict] | None, path: str, title: str) -> Non
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 10 s budget, small population")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 0.5 s budget, population 8, batch 32"
+    )
     ap.add_argument("--budget", type=float, default=1200.0, help="seconds of search (default 1200)")
     ap.add_argument("--pop", type=int, default=64, help="population size (even; default 64)")
     ap.add_argument(
@@ -236,7 +243,7 @@ def main(argv=None):
     data = load_mnist()
     mean = float(np.mean(data.train_images))
     if args.quick:
-        args.budget, args.pop, args.batch, args.eval_every = 2.0, 8, 32, 1.0
+        args.budget, args.pop, args.batch, args.eval_every = 0.5, 8, 32, 0.25
     records = run_pgpe(
         data,
         mean,

@@ -5,6 +5,9 @@ The net: ``conv0 -> BN0 -> ReLU -> conv1 -> BN1 -> global average pool -> head``
 convolutions, HWIO kernels, no conv bias), written twice: as plain stages
 (:func:`small_cnn_stages`, for replays and black-box losses) and as the package's layer
 stack (:func:`small_cnn_layers`: ``conv_layer``, ``channelwise`` and ``dense_layer``).
+
+:func:`small_paper_model` is the application's ``rso-paper`` layout cut to two conv blocks
+(an ``nnx.Sequential`` for :class:`optax_neuron.mnist.rso.RSOSearch`).
 """
 
 from __future__ import annotations
@@ -113,3 +116,33 @@ def paper_search_as_shapes(monkeypatch, x, y, **kwargs):
     state = jax.tree.map(lambda a: jnp.asarray(np.zeros(a.shape, a.dtype)), state)
     monkeypatch.setattr(on, "rso_init", lambda key, params: params)
     return RSOSearch(nnx.merge(graphdef, state), x, y, **kwargs)
+
+
+def small_paper_model(channels=2):
+    """The ``rso-paper`` layout with two conv blocks instead of six, in training mode.
+
+    ``x - mean -> conv0 -> BN0 -> ReLU -> conv1 -> avgpool 2x2 -> BN1 -> global average pool
+    -> dense channels -> 10``, built from the application's own layers (3x3 SAME convs
+    without bias, BatchNorm, its pooling functions), so :func:`optax_neuron.mnist.rso.rso_layers`
+    sees every kind of layer of the paper net: 7 searched leaves instead of 19, which
+    keeps the compiled search small. Any image side divisible by 2 works.
+    """
+    from flax import nnx
+
+    from optax_neuron.mnist.models import SubtractMean, _avg_pool2, _global_avg_pool, patch_conv
+
+    rngs = nnx.Rngs(0)
+    conv_kw = {"padding": "SAME", "use_bias": False, "conv_general_dilated": patch_conv}
+    model = nnx.Sequential(
+        SubtractMean(),
+        nnx.Conv(1, channels, (3, 3), rngs=rngs, **conv_kw),
+        nnx.BatchNorm(channels, rngs=rngs),
+        nnx.relu,
+        nnx.Conv(channels, channels, (3, 3), rngs=rngs, **conv_kw),
+        _avg_pool2,
+        nnx.BatchNorm(channels, rngs=rngs),
+        _global_avg_pool,
+        nnx.Linear(channels, 10, use_bias=False, rngs=rngs),
+    )
+    model.train()
+    return model
