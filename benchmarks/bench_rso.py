@@ -31,7 +31,7 @@ one process, ``--repeats`` times; the medians are printed.
 
     python benchmarks/bench_rso.py                  # full run (the plain loop is long)
     python benchmarks/bench_rso.py --no-plain --batches 256 --weight-batches ''  # cycle, floor
-    python benchmarks/bench_rso.py --quick  # smoke: 1 channel, batch 32, 512 images, chunks
+    python benchmarks/bench_rso.py --quick  # smoke: 2 blocks of 1 channel, batch 32, 512 images
 """
 
 from __future__ import annotations
@@ -54,11 +54,12 @@ NORM_STEP = 0.167
 # --------------------------------------------------------------------- the plain loop
 
 
-def paper_params(key: jax.Array, channels: int = 16) -> dict:
-    """He-initialised parameters of the paper net: conv{i}/kernel (HWIO), norm{i}, head/kernel."""
+def paper_params(key: jax.Array, channels: int = 16, blocks: int = 6) -> dict:
+    """He-initialised parameters of the paper net: conv{i}/kernel (HWIO), norm{i}, head/kernel
+    (``blocks`` conv blocks: 6 in the paper)."""
     params, c_in = {}, 1
     keys = jax.random.split(key, 7)
-    for i in range(6):
+    for i in range(blocks):
         std = np.sqrt(2.0 / (9 * c_in))
         params[f"conv{i}"] = {"kernel": std * jax.random.normal(keys[i], (3, 3, c_in, channels))}
         params[f"norm{i}"] = {"scale": jnp.ones(channels), "bias": jnp.zeros(channels)}
@@ -85,7 +86,7 @@ def paper_forward(
     ``norm(p, h)`` is the BatchNorm (default: the statistics of the batch ``h``).
     """
     h = x
-    for i in range(6):
+    for i in range(sum(name.startswith("conv") for name in params)):
         if i > 0:
             h = jax.nn.relu(h)
         h = conv(
@@ -112,7 +113,7 @@ def official_order(params: dict) -> list[tuple[str, str, np.ndarray]]:
         return idx.transpose(3, 2, 0, 1).ravel()  # HWIO -> O, I, H, W
 
     out.append(("head", "kernel", neuron_major(params["head"]["kernel"].shape)))
-    for i in reversed(range(6)):
+    for i in reversed(range(sum(name.startswith("conv") for name in params))):
         out.append((f"conv{i}", "kernel", neuron_major(params[f"conv{i}"]["kernel"].shape)))
         out.append((f"norm{i}", "bias", np.arange(params[f"norm{i}"]["bias"].size)))
         out.append((f"norm{i}", "scale", np.arange(params[f"norm{i}"]["scale"].size)))
@@ -189,13 +190,15 @@ def plain_accuracy(params: dict, x: jax.Array, y: jax.Array) -> float:
 class AppCycle:
     """Whole cycles of the application's search (:class:`optax_neuron.mnist.rso.RSOSearch`)."""
 
-    def __init__(self, x_train, y_train, *, batch, channels, fresh_batch="chunk", chunk=1000):
+    def __init__(
+        self, x_train, y_train, *, batch, channels, blocks=6, fresh_batch="chunk", chunk=1000
+    ):
         from flax import nnx
 
         from optax_neuron.mnist.models import make_model
         from optax_neuron.mnist.rso import RSOSearch
 
-        model = make_model("rso-paper", nnx.Rngs(0), channels=channels)
+        model = make_model("rso-paper", nnx.Rngs(0), channels=channels, blocks=blocks)
         model.train()
         self.x, self.y = x_train, y_train
         self.search = RSOSearch(
@@ -324,7 +327,9 @@ def _mnist(limit: int | None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 channel, batch 32, 512 images"
+        "--quick",
+        action="store_true",
+        help="smoke run: the first 2 conv blocks, 1 channel, batch 32, 512 images",
     )
     ap.add_argument(
         "--repeats", type=int, default=1, help="interleaved rounds of plain loop + app at batch 256"
@@ -344,6 +349,7 @@ def main(argv=None):
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     channels, limit = (1, 512) if args.quick else (16, None)
+    blocks = 2 if args.quick else 6
     batches = [32] if args.quick else [int(b) for b in args.batches.split(",") if b]
     weight_batches = [] if args.quick else [int(b) for b in args.weight_batches.split(",") if b]
     if not batches:
@@ -352,20 +358,21 @@ def main(argv=None):
     mean = jnp.mean(x_train)
     base_batch = batches[0]
     print(
-        f"## RSO whole cycles, paper net ({channels} channels), device {jax.devices()[0].platform}",
+        f"## RSO whole cycles, paper net ({blocks} conv blocks of {channels} channels), "
+        f"device {jax.devices()[0].platform}",
         flush=True,
     )
     plain = None
     if not args.no_plain:
         plain = PlainLoop(
-            paper_params(jax.random.key(0), channels),
+            paper_params(jax.random.key(0), channels, blocks),
             x_train[:base_batch] - mean,
             y_train[:base_batch],
         )
     if args.only_plain:
         batches, weight_batches = batches[:1], []
     apps = {
-        ("chunk", b): AppCycle(x_train, y_train, batch=b, channels=channels)
+        ("chunk", b): AppCycle(x_train, y_train, batch=b, channels=channels, blocks=blocks)
         for b in batches[:1]
         if not args.only_plain
     }
@@ -382,7 +389,9 @@ def main(argv=None):
             )
     for mode, bs in (("weight", weight_batches), ("chunk", batches[1:])):
         for b in bs:
-            app = AppCycle(x_train, y_train, batch=b, channels=channels, fresh_batch=mode)
+            app = AppCycle(
+                x_train, y_train, batch=b, channels=channels, blocks=blocks, fresh_batch=mode
+            )
             times[(mode, b)] = [app.cycle()]
             apps[(mode, b)] = app
             print(

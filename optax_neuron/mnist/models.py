@@ -166,7 +166,7 @@ class SubtractMean(nnx.Module):
         return x - self.mean[...]
 
 
-def rso_paper(rngs: nnx.Rngs, channels: int = 16) -> nnx.Sequential:
+def rso_paper(rngs: nnx.Rngs, channels: int = 16, blocks: int = 6) -> nnx.Sequential:
     """The MNIST net of the RSO paper (Tripathi & Singh, 2020), in the layout of its official code.
 
     Layer order (rohun-tripathi/RSO-gradient-free, ``train.py``)::
@@ -188,14 +188,20 @@ def rso_paper(rngs: nnx.Rngs, channels: int = 16) -> nnx.Sequential:
     and shifts). The first layer subtracts the training-set pixel mean (a
     :class:`InputMean` variable, 0 until the application sets it).
 
+    ``blocks`` < 6 keeps the first ``blocks`` conv blocks (with their pooling) before the
+    global average pool: the same kinds of layers in fewer searched leaves, for quick
+    experiments and smoke runs (an RSO search compiles one branch per leaf).
+
     Example:
       >>> model = rso_paper(nnx.Rngs(0), channels=4)
       >>> model(jnp.zeros((2, 28, 28, 1))).shape
       (2, 10)
     """
+    if not 1 <= blocks <= 6:
+        raise ValueError(f"rso_paper: blocks must be 1 to 6, got {blocks}")
     layers: list = [SubtractMean()]
     c_in = 1
-    for i in range(6):
+    for i in range(blocks):
         if i > 0:
             layers.append(nnx.relu)
         layers.append(

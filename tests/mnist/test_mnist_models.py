@@ -78,6 +78,15 @@ def test_models_shapes_and_sizes():
         i for i, layer in enumerate(paper.layers) if getattr(layer, "func", None) is nnx.avg_pool
     ]
     assert len(convs) == 6 and len(pools) == 2
+    # the first two blocks: conv 1 -> 16, BN, conv 16 -> 16, avgpool, BN, dense 16 -> 10
+    shape, n, small = _abstract("rso-paper", blocks=2)
+    assert shape == (3, 10) and n == 9 * 16 + 9 * 16 * 16 + 2 * 2 * 16 + 16 * 10
+    assert [type(layer).__name__ for layer in small.layers if isinstance(layer, nnx.Module)] == [
+        "SubtractMean", "Conv", "BatchNorm", "Conv", "BatchNorm", "Linear"
+    ]  # fmt: skip
+    for blocks in (0, 7):
+        with pytest.raises(ValueError, match=f"rso_paper: blocks must be 1 to 6, got {blocks}"):
+            make_model("rso-paper", nnx.Rngs(0), blocks=blocks)
     with pytest.raises(ValueError, match="model must be one of"):
         make_model("resnet", nnx.Rngs(0))
 
