@@ -78,9 +78,11 @@ def run_pgpe(
     eval_every,
     seed=0,
     test_limit=None,
+    blocks=6,
     log=print,
 ):
-    """PGPE for ``budget`` seconds of search; returns the list of evaluation records."""
+    """PGPE for ``budget`` seconds of search on the paper net's first ``blocks`` conv blocks
+    (all 6 by default); returns the list of evaluation records."""
     from evosax.algorithms import PGPE
     from evosax.core.optimizer import clipup
 
@@ -89,7 +91,7 @@ def run_pgpe(
     x_test = jnp.asarray(data.test_images[:test_limit] - mean)
     y_test = jnp.asarray(data.test_labels[:test_limit])
     calib = x_train[:1000]
-    init = paper_params(jax.random.key(seed))
+    init = paper_params(jax.random.key(seed), blocks=blocks)
     es = PGPE(
         population_size=pop,
         solution=init,
@@ -216,7 +218,9 @@ def plot(pgpe: list[dict], rso: list[dict] | None, path: str, title: str) -> Non
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--quick", action="store_true", help="smoke run: 0.5 s budget, population 8, batch 32"
+        "--quick",
+        action="store_true",
+        help="smoke run: the first 2 conv blocks, 0.5 s budget, population 8, batch 32",
     )
     ap.add_argument("--budget", type=float, default=1200.0, help="seconds of search (default 1200)")
     ap.add_argument("--pop", type=int, default=64, help="population size (even; default 64)")
@@ -255,6 +259,7 @@ def main(argv=None):
         max_velocity=args.max_velocity,
         eval_every=args.eval_every,
         test_limit=1000 if args.quick else None,
+        blocks=2 if args.quick else 6,
     )
     rso = rso_records(args.rso)[0] if args.rso else None
     print(
