@@ -426,7 +426,10 @@ def main(argv=None):
         print(f"| {label} | {base_batch} | {base:.1f} | 1.0x | | |")
     for (mode, b), ts in [(k, v) for k, v in times.items() if k != "plain"]:
         med = statistics.median(ts)
-        ratio = f"{base / med:.1f}x" if b == base_batch else "(other batch)"
+        if plain is None:
+            ratio = ""  # --no-plain: nothing to compare with
+        else:
+            ratio = f"{base / med:.1f}x" if b == base_batch else "(other batch)"
         fl = floors.get(b, float("nan"))
         print(
             f"| application, fresh batch per {mode} | {b} | {med:.1f} | {ratio} "
