@@ -169,6 +169,7 @@ def plot(path: Path, rows: list[dict], cycles: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for loss, style in zip(LOSSES, ("o-", "s--"), strict=True):
@@ -187,6 +188,9 @@ def plot(path: Path, rows: list[dict], cycles: int) -> None:
         xscale="log", xlabel="minibatch", ylabel=f"test accuracy after {cycles} cycles (%)",
         title="RSO on the paper's net, 5 cycles of the 50-cycle anneal",
     )  # fmt: skip
+    ticks = sorted({r["batch"] for r in rows} | {PAPER["batch"]})
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
