@@ -31,7 +31,7 @@ one process, ``--repeats`` times; the medians are printed.
 
     python benchmarks/bench_rso.py                  # full run (the plain loop is long)
     python benchmarks/bench_rso.py --no-plain --batches 256 --weight-batches ''  # cycle, floor
-    python benchmarks/bench_rso.py --quick  # smoke: 2 blocks of 1 channel, batch 32, 512 images
+    python benchmarks/bench_rso.py --quick  # smoke: 1 block of 1 channel, batch 32, 512 images
 """
 
 from __future__ import annotations
@@ -75,6 +75,11 @@ def _avg_pool(h: jax.Array) -> jax.Array:
     return h.reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
 
 
+def conv_blocks(params: dict) -> int:
+    """How many conv blocks (``conv0``, ``conv1``, ...) the paper net's params hold."""
+    return sum(name.startswith("conv") for name in params)
+
+
 def paper_forward(
     params: dict,
     x: jax.Array,
@@ -86,7 +91,7 @@ def paper_forward(
     ``norm(p, h)`` is the BatchNorm (default: the statistics of the batch ``h``).
     """
     h = x
-    for i in range(sum(name.startswith("conv") for name in params)):
+    for i in range(conv_blocks(params)):
         if i > 0:
             h = jax.nn.relu(h)
         h = conv(
@@ -113,7 +118,7 @@ def official_order(params: dict) -> list[tuple[str, str, np.ndarray]]:
         return idx.transpose(3, 2, 0, 1).ravel()  # HWIO -> O, I, H, W
 
     out.append(("head", "kernel", neuron_major(params["head"]["kernel"].shape)))
-    for i in reversed(range(sum(name.startswith("conv") for name in params))):
+    for i in reversed(range(conv_blocks(params))):
         out.append((f"conv{i}", "kernel", neuron_major(params[f"conv{i}"]["kernel"].shape)))
         out.append((f"norm{i}", "bias", np.arange(params[f"norm{i}"]["bias"].size)))
         out.append((f"norm{i}", "scale", np.arange(params[f"norm{i}"]["scale"].size)))
@@ -349,7 +354,7 @@ def main(argv=None):
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     channels, limit = (1, 512) if args.quick else (16, None)
-    blocks = 2 if args.quick else 6
+    blocks = 1 if args.quick else 6
     batches = [32] if args.quick else [int(b) for b in args.batches.split(",") if b]
     weight_batches = [] if args.quick else [int(b) for b in args.weight_batches.split(",") if b]
     if not batches:

@@ -220,7 +220,7 @@ def main(argv=None):
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: the first 2 conv blocks, 0.5 s budget, population 8, batch 32",
+        help="smoke run: the first conv block, 0.5 s budget, population 8, batch 32",
     )
     ap.add_argument("--budget", type=float, default=1200.0, help="seconds of search (default 1200)")
     ap.add_argument("--pop", type=int, default=64, help="population size (even; default 64)")
@@ -259,7 +259,7 @@ def main(argv=None):
         max_velocity=args.max_velocity,
         eval_every=args.eval_every,
         test_limit=1000 if args.quick else None,
-        blocks=2 if args.quick else 6,
+        blocks=1 if args.quick else 6,
     )
     rso = rso_records(args.rso)[0] if args.rso else None
     print(
