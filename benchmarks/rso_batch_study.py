@@ -18,8 +18,8 @@ batch 2,000 with whichever loss did better at batch 1,000 (both must be finished
 
 Writes ``DIR/study.json`` (every cycle of every run), ``DIR/study.md`` (the table) and
 ``DIR/study.png`` (test accuracy after the last cycle against the minibatch, log scale,
-beside the paper's 98% at 5,000). The prediction for 5,000 is a straight line through the
-test error against log(batch) of the runs of one loss: a rough guide, not a result.
+beside the paper's 98% at 5,000). The prediction for 5,000 is a power law fitted to the test
+error of the runs of one loss (a line in log-log): a rough guide, not a result.
 Run it on an otherwise idle machine: the search times are the figures it reports.
 """
 
@@ -118,10 +118,12 @@ def rows_of(root: Path, runs: list[tuple[int, str]]) -> list[dict]:
 
 
 def predict(rows: list[dict], loss: str, cycles: int, batch: int) -> float | None:
-    """Test accuracy at ``batch`` from a least-squares line through the test error against
-    ``log(batch)`` of the runs with ``loss`` after ``cycles`` (None with fewer than two)."""
+    """Test accuracy at ``batch`` from a power law in the batch, ``error = a * batch**b``: a
+    least-squares line through ``log(test error)`` against ``log(batch)`` of the runs with
+    ``loss`` after ``cycles`` (None with fewer than two batches). Unlike a line through the
+    error itself, it never predicts an error below zero."""
     points = [
-        (math.log(r["batch"]), 1.0 - r["test_accuracy"])
+        (math.log(r["batch"]), math.log(1.0 - r["test_accuracy"]))
         for r in rows
         if r["loss"] == loss and r["cycle"] == cycles
     ]
@@ -130,7 +132,7 @@ def predict(rows: list[dict], loss: str, cycles: int, batch: int) -> float | Non
     n = len(points)
     mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
     slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    return 1.0 - (my + slope * (math.log(batch) - mx))
+    return 1.0 - math.exp(my + slope * (math.log(batch) - mx))
 
 
 def report(root: Path, runs: list[tuple[int, str]], cycles: int) -> str:
@@ -152,7 +154,7 @@ def report(root: Path, runs: list[tuple[int, str]], cycles: int) -> str:
         guess = predict(rows, loss, cycles, PAPER["batch"])
         if guess is not None:
             lines.append(
-                f"Line through the test error against log(batch), {loss}: "
+                f"Power law of the test error in the batch, {loss}: "
                 f"{100 * guess:.1f}% after {cycles} cycles at batch {PAPER['batch']:,} "
                 f"(the paper: {100 * PAPER['test_accuracy']:.0f}%)."
             )

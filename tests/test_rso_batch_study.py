@@ -67,10 +67,17 @@ def test_report_table_counts_and_prediction(tmp_path):
     text = study.report(tmp_path, [(256, "mean"), (1000, "mean")], cycles=2)
     # accepted in a cycle: the difference of the running counts (100, then 200 more)
     assert "| 1,000 | mean | 2     | 94.00%" in text and "200 of 1,000" in text
-    # the line through (log 256, 0.10) and (log 1000, 0.06), read at log 5000
-    slope = (0.06 - 0.10) / (math.log(1000) - math.log(256))
-    expected = 1 - (0.06 + slope * (math.log(5000) - math.log(1000)))
+    # the power law through errors 0.10 at 256 and 0.06 at 1000: 0.06 * 5**b at 5000
+    b = math.log(0.06 / 0.10) / math.log(1000 / 256)
+    expected = 1 - 0.06 * 5**b
     assert f"mean: {100 * expected:.1f}% after 2 cycles at batch 5,000" in text
+    # it never passes 100%: an error halved from 256 to 1000 keeps falling, above zero
+    _fake_run(tmp_path, 256, "sum64", [0.80, 0.92])
+    _fake_run(tmp_path, 1000, "sum64", [0.85, 0.96])
+    guess = study.predict(
+        study.rows_of(tmp_path, [(256, "sum64"), (1000, "sum64")]), "sum64", 2, 5000
+    )
+    assert guess is not None and 0.96 < guess < 1.0
     assert study.predict(study.rows_of(tmp_path, [(256, "mean")]), "mean", 2, 5000) is None
     rows = json.loads((tmp_path / "study.json").read_text())["rows"]
     assert [(r["batch"], r["cycle"]) for r in rows] == [(256, 1), (256, 2), (1000, 1), (1000, 2)]
