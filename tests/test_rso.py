@@ -469,6 +469,10 @@ def test_rso_init_distribution_and_key_scheme():
         np.asarray(out["dense"]["kernel"]),
         np.asarray(jax.random.normal(keys[4], (300, 50)) * np.float32(np.sqrt(2 / 300))),
     )
+    np.testing.assert_array_equal(  # a 4-D leaf too (drawn flat, then shaped)
+        np.asarray(out["conv"]["kernel"]),
+        np.asarray(jax.random.normal(keys[3], (3, 3, 8, 64)) * np.float32(np.sqrt(2 / 72))),
+    )
 
 
 def test_default_search_and_order_rules():
@@ -615,3 +619,17 @@ def test_structural_args_injected_by_inject_hyperparams_get_a_clear_error():
         optax.inject_hyperparams(rso, static_args=("seed",))(weights_per_step=2).init(params)
     tx = optax.inject_hyperparams(rso, static_args=("seed", "weights_per_step"))(weights_per_step=2)
     assert tx.init(params).inner_state.rso_cursor == 0
+
+
+def test_draws_of_a_call_are_the_documented_per_weight_draws():
+    from optax_neuron.rso.rule import draws
+
+    base = jax.random.key(5)
+    # from position 3 of cycle 2 of a 7-weight cycle: 3..6 of cycle 2, then 0..5 of cycle 3
+    d = jax.jit(draws, static_argnums=(3, 4, 5))(base, jnp.int32(2), jnp.int32(3), 10, 7, True)
+    positions = [(2, n) for n in range(3, 7)] + [(3, n) for n in range(6)]
+    for i, (c, n) in enumerate(positions):
+        k = jax.random.fold_in(jax.random.fold_in(base, c), n)  # the formula, eagerly
+        k_step, k_batch = jax.random.split(k)
+        assert float(d.z[i]) == float(jax.random.normal(k_step, (), jnp.float32)), (c, n)
+        assert (jax.random.key_data(d.k_batch[i]) == jax.random.key_data(k_batch)).all()

@@ -8,7 +8,9 @@ fewer weights when the call's ``weights_per_step`` ends first). The segment of l
 inner ``while_loop`` whose body visits one weight:
 
 1. the element, its committed value ``w = p + u``, the weight decay (``u_d``) and the
-   draw ``dw`` (:mod:`optax_neuron.rso.rule`);
+   step ``dw`` (:mod:`optax_neuron.rso.rule`; the normal draws of the call's weights are
+   made once, vectorised, before the loop over segments, so the program holds one copy
+   of the random-number generator instead of one per leaf);
 2. ``scores`` of the candidates ``p + (u_d + s * dw)``: ``s`` in ``+1, -1``, and ``0``
    first when ``F(w)`` is not known (a fresh batch per weight, or a weight decay);
    otherwise ``F(w)`` is the loss carried from the weight before (scored once at the
@@ -104,7 +106,7 @@ class Search:
         return make_evaluator(self.value_fn, self.per_weight_batch, self.fast_path, k, target)
 
 
-def _segment(s: Search, t: int, c: Carry) -> Carry:
+def _segment(s: Search, t: int, d: rule.Draws, c: Carry) -> Carry:
     """Search leaf ``t`` from the cursor to its end (or the end of the call's budget)."""
     start, end = int(s.plan.starts[t]), int(s.plan.starts[t] + s.plan.sizes[t])
     p0, ev = s.p0[t], s.evaluator(t)
@@ -117,14 +119,10 @@ def _segment(s: Search, t: int, c: Carry) -> Carry:
         idx = s.plan.flat_index(t, lc.cursor - start)
         u = lc.upd[idx]
         u_d = rule.decayed(u, p0[idx] + u, s.weight_decay) if s.decay else u
-        dw = rule.draw(s.base, c.cycle, lc.cursor, s.step(c.cycle, t))
+        dw = s.step(c.cycle, t) * d.z[lc.done]
         values = p0[idx] + (u_d + (signs * dw).astype(u_d.dtype))
-        change = Change(
-            idx,
-            values,
-            (values - (p0[idx] + u)).astype(jnp.float32),
-            rule.weight_key(s.base, c.cycle, lc.cursor)[1],
-        )
+        key = d.k_batch[lc.done] if s.per_weight_batch else d.k_batch
+        change = Change(idx, values, (values - (p0[idx] + u)).astype(jnp.float32), key)
         losses, aux = ev.scores(params(lc.work), lc.cache, change)
         losses = losses.astype(lc.loss.dtype)
         ch = rule.choose(losses[0] if s.rescore else lc.loss, losses[-2], losses[-1])
@@ -183,7 +181,8 @@ def run(s: Search, cursor: jax.Array, cycle: jax.Array, loss_dtype: Any) -> Carr
         loss=jnp.full([], jnp.nan, loss_dtype),
         known=jnp.bool_(False),
     )
-    segments = [functools.partial(_segment, s, t) for t in range(nv)]
+    draws = rule.draws(s.base, cycle, cursor, s.weights_per_step, s.plan.total, s.per_weight_batch)
+    segments = [functools.partial(_segment, s, t, draws) for t in range(nv)]
 
     def one_segment(c: Carry) -> Carry:
         return jax.lax.switch(jnp.sum(c.cursor >= ends), segments, c)
