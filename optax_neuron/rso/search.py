@@ -13,8 +13,9 @@ inner ``while_loop`` whose body visits one weight:
    of the random-number generator instead of one per leaf);
 2. ``scores`` of the candidates ``p + (u_d + s * dw)``: ``s`` in ``+1, -1``, and ``0``
    first when ``F(w)`` is not known (a fresh batch per weight, or a weight decay);
-   otherwise ``F(w)`` is the loss carried from the weight before (scored once at the
-   start of the call);
+   otherwise ``F(w)`` is the loss carried from the weight before, and for the call's
+   first weight ``value_fn`` of the call's parameters (one full evaluation before the
+   loop over segments, not one per leaf in the program);
 3. the choice rule, and ``commit`` of the kept candidate to the evaluator's cache.
 
 A segment is one leaf also where consecutive leaves share an owner layer (BatchNorm
@@ -48,8 +49,7 @@ class Carry(NamedTuple):
     work: list  # current value of every visited leaf (raveled)
     upd: list  # update accumulated in this call, per visited leaf (raveled)
     accepted: jax.Array  # (n_visited,) accepted proposals in this call
-    loss: jax.Array  # the loss of the current parameters, where ``known``
-    known: jax.Array  # bool
+    loss: jax.Array  # the loss of the current parameters (NaN where every weight rescores it)
 
 
 class LeafCarry(NamedTuple):
@@ -140,19 +140,10 @@ def _segment(s: Search, t: int, d: rule.Draws, c: Carry) -> Carry:
         )
 
     cache = ev.start(s.tree_of(c.work))
-    loss = c.loss
-    if not s.rescore:  # the loss of the current parameters, once per call
-
-        def current():
-            first = c.work[t][:1]
-            change = Change(jnp.int32(0), first, jnp.zeros([1], jnp.float32), s.base)
-            return ev.scores(s.tree_of(c.work), cache, change)[0][0].astype(loss.dtype)
-
-        loss = jax.lax.cond(c.known, lambda: loss, current)
     out = jax.lax.while_loop(
         lambda lc: (lc.done < s.weights_per_step) & (lc.cursor < end),
         body,
-        LeafCarry(c.cursor, c.done, c.work[t], c.upd[t], jnp.int32(0), loss, cache),
+        LeafCarry(c.cursor, c.done, c.work[t], c.upd[t], jnp.int32(0), c.loss, cache),
     )
     wrap = out.cursor >= s.plan.total
     return Carry(
@@ -163,8 +154,12 @@ def _segment(s: Search, t: int, d: rule.Draws, c: Carry) -> Carry:
         upd=[*c.upd[:t], out.upd, *c.upd[t + 1 :]],
         accepted=c.accepted.at[t].add(out.accepted),
         loss=out.loss,
-        known=jnp.bool_(True),
     )
+
+
+def current_loss(s: Search, loss_dtype: Any) -> jax.Array:
+    """``F`` of the parameters the call starts from: ``value_fn(params)``, once per call."""
+    return jnp.asarray(s.value_fn(s.tree_of(s.p0)), loss_dtype)
 
 
 def run(s: Search, cursor: jax.Array, cycle: jax.Array, loss_dtype: Any) -> Carry:
@@ -178,8 +173,7 @@ def run(s: Search, cursor: jax.Array, cycle: jax.Array, loss_dtype: Any) -> Carr
         work=list(s.p0),
         upd=[jnp.zeros_like(x) for x in s.p0],
         accepted=jnp.zeros([nv], jnp.int32),
-        loss=jnp.full([], jnp.nan, loss_dtype),
-        known=jnp.bool_(False),
+        loss=jnp.full([], jnp.nan, loss_dtype) if s.rescore else current_loss(s, loss_dtype),
     )
     draws = rule.draws(s.base, cycle, cursor, s.weights_per_step, s.plan.total, s.per_weight_batch)
     segments = [functools.partial(_segment, s, t, draws) for t in range(nv)]
