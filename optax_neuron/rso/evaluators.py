@@ -132,13 +132,15 @@ def _cm_set(x_cm: jax.Array, channel: jax.Array, value: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(x_cm, value[..., 0].astype(x_cm.dtype), channel, 0)
 
 
-def _materialised(fn, x):
-    """``fn()``, computed into buffers of its own: both branches of a ``lax.cond`` on a
-    predicate XLA cannot fold (``x == x``; both branches are ``fn``, so the result never
-    depends on it). XLA then cannot duplicate ``fn``'s computation into later fusions
-    (``optimization_barrier`` does not stop that on CPU), so every read of its operands
-    ends before they are updated in place."""
-    return jax.lax.cond(x == x, fn, fn)
+def _materialised(fn, index):
+    """``fn()``, computed into buffers of its own: the true branch of a ``lax.cond`` on a
+    predicate that always holds but XLA cannot fold (``index >= 0``, a traced element
+    index; the other branch gives zeros and is never taken). XLA then cannot duplicate
+    ``fn``'s computation into later fusions (``optimization_barrier`` does not stop that on
+    CPU), so every read of its operands ends before they are updated in place."""
+    out = jax.eval_shape(fn)
+    zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out)
+    return jax.lax.cond(index >= 0, fn, zeros)
 
 
 class ChannelCache(NamedTuple):
@@ -247,7 +249,7 @@ class Incremental:
                 lambda *xs: jnp.stack(xs),
                 *[self._channel(params, cache, change, c) for c in range(n)],
             ),
-            change.deltas[0],
+            change.flat_index,
         )
         # the full layers once per candidate (a static unroll: on CPU a vmap over the
         # candidates was measured slower, 17.2 against 14.9 ms for three on the paper net)
