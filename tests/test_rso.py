@@ -626,7 +626,7 @@ def test_draws_of_a_call_are_the_documented_per_weight_draws():
 
     base = jax.random.key(5)
     # from position 3 of cycle 2 of a 7-weight cycle: 3..6 of cycle 2, then 0..5 of cycle 3
-    d = jax.jit(draws, static_argnums=(3, 4, 5))(base, jnp.int32(2), jnp.int32(3), 10, 7, True)
+    d = jax.jit(draws, static_argnums=(3, 4))(base, jnp.int32(2), jnp.int32(3), 10, 7)
     positions = [(2, n) for n in range(3, 7)] + [(3, n) for n in range(6)]
     for i, (c, n) in enumerate(positions):
         k = jax.random.fold_in(jax.random.fold_in(base, c), n)  # the formula, eagerly

@@ -39,14 +39,12 @@ class Draws(NamedTuple):
     """The draws of the next weights of a call, in visiting order (see :func:`draws`)."""
 
     z: jax.Array  # (count,) float32: dw = sigma_d * anneal(c) * z
-    k_batch: jax.Array  # (count,) keys, or ``base`` itself when no weight reads its batch key
+    k_batch: jax.Array  # (count,) keys (XLA drops them where no evaluator reads them)
 
 
-def draws(
-    base: jax.Array, cycle: jax.Array, cursor: jax.Array, count: int, total: int, batch: bool
-) -> Draws:
-    """``z`` (and ``k_batch`` where ``batch``) of the ``count`` weights from position ``cursor``
-    of cycle ``cycle`` on, wrapping into the next cycles after position ``total - 1``.
+def draws(base: jax.Array, cycle: jax.Array, cursor: jax.Array, count: int, total: int) -> Draws:
+    """``z`` and ``k_batch`` of the ``count`` weights from position ``cursor`` of cycle
+    ``cycle`` on, wrapping into the next cycles after position ``total - 1``.
 
     One vectorised draw per call: the search reads element ``i`` for its ``i``-th weight.
     Drawing inside the loop instead put a copy of the random-number generator into every
@@ -57,7 +55,7 @@ def draws(
     cycles, n = cycle + i // total, i % total
     k_step, k_batch = jax.vmap(lambda c, m: weight_key(base, c, m))(cycles, n)
     z = jax.vmap(lambda k: jax.random.normal(k, (), jnp.float32))(k_step)
-    return Draws(z, k_batch if batch else base)
+    return Draws(z, k_batch)
 
 
 class Choice(NamedTuple):

@@ -121,8 +121,8 @@ def _segment(s: Search, t: int, d: rule.Draws, c: Carry) -> Carry:
         u_d = rule.decayed(u, p0[idx] + u, s.weight_decay) if s.decay else u
         dw = s.step(c.cycle, t) * d.z[lc.done]
         values = p0[idx] + (u_d + (signs * dw).astype(u_d.dtype))
-        key = d.k_batch[lc.done] if s.per_weight_batch else d.k_batch
-        change = Change(idx, values, (values - (p0[idx] + u)).astype(jnp.float32), key)
+        deltas = (values - (p0[idx] + u)).astype(jnp.float32)
+        change = Change(idx, values, deltas, d.k_batch[lc.done])
         losses, aux = ev.scores(params(lc.work), lc.cache, change)
         losses = losses.astype(lc.loss.dtype)
         ch = rule.choose(losses[0] if s.rescore else lc.loss, losses[-2], losses[-1])
@@ -175,7 +175,7 @@ def run(s: Search, cursor: jax.Array, cycle: jax.Array, loss_dtype: Any) -> Carr
         accepted=jnp.zeros([nv], jnp.int32),
         loss=jnp.full([], jnp.nan, loss_dtype) if s.rescore else current_loss(s, loss_dtype),
     )
-    draws = rule.draws(s.base, cycle, cursor, s.weights_per_step, s.plan.total, s.per_weight_batch)
+    draws = rule.draws(s.base, cycle, cursor, s.weights_per_step, s.plan.total)
     segments = [functools.partial(_segment, s, t, draws) for t in range(nv)]
 
     def one_segment(c: Carry) -> Carry:
