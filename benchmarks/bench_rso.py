@@ -48,6 +48,8 @@ import numpy as np
 import optax
 from common import batch_norm
 
+from optax_neuron import _random
+
 WEIGHT_DECAY = 1e-4
 NORM_STEP = 0.167
 
@@ -61,7 +63,7 @@ def paper_params(key: jax.Array, channels: int = 16, blocks: int = 6) -> dict:
     keys = jax.random.split(key, 7)
     for i in range(blocks):
         std = np.sqrt(2.0 / (9 * c_in))
-        params[f"conv{i}"] = {"kernel": std * jax.random.normal(keys[i], (3, 3, c_in, channels))}
+        params[f"conv{i}"] = {"kernel": std * _random.normal(keys[i], (3, 3, c_in, channels))}
         params[f"norm{i}"] = {"scale": jnp.ones(channels), "bias": jnp.zeros(channels)}
         c_in = channels
     params["head"] = {

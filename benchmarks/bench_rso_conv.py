@@ -29,6 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Runner, add_common_args, format_table, machine_line, time_interleaved
 
+from optax_neuron import _random
+
 
 def lax_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(
@@ -68,8 +70,8 @@ def main(argv=None) -> dict:
     print(f"## RSO suffix convolution, three ways ({machine_line()})")
     results, rows = {}, []
     for hw in sizes:
-        x = jax.random.normal(jax.random.key(0), (batch, hw, hw, 16), jnp.float32)
-        w = jax.random.normal(jax.random.key(1), (3, 3, 16, 16), jnp.float32) / 12.0
+        x = _random.normal(jax.random.key(0), (batch, hw, hw, 16), jnp.float32)
+        w = _random.normal(jax.random.key(1), (3, 3, 16, 16), jnp.float32) / 12.0
         steps = {name: jax.jit(lambda s, f=f, w=w: f(s, w)) for name, f in FORMS.items()}
         ref = np.asarray(steps["lax.conv"](x))
         for name in ("im2col", "per-tap"):

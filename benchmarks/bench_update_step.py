@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Runner, add_common_args, format_table, machine_line, time_interleaved, tree_bytes
 
 import optax_neuron as on
+from optax_neuron import _random
 from optax_neuron._tree import fan_in_mean
 from optax_neuron.fan_in import fan_in_size, neuron_shape, path_str
 
@@ -87,7 +88,7 @@ def transformer_params(key, d_model=1024, layers=4, heads=16, mlp=4096, vocab=40
     keys = iter(jax.random.split(key, 6 * layers + 1))
 
     def normal(shape, fan_in):
-        return jax.random.normal(next(keys), shape) / math.sqrt(fan_in)
+        return _random.normal(next(keys), shape) / math.sqrt(fan_in)
 
     def norm():
         return {"scale": jnp.ones(d_model), "bias": jnp.zeros(d_model)}
@@ -230,7 +231,7 @@ def main(argv=None) -> dict:
     for tree_name, build in trees(args.quick).items():
         params = build()
         grads = jax.tree.map(
-            lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params
+            lambda p: _random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params
         )
         # The 55M tree: fewer repeats (each step moves about 1 GB).
         r = max(3, repeats // 2) if n_params(params) > 20e6 else repeats

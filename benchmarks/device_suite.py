@@ -193,12 +193,13 @@ def _adam_rows(quick: bool) -> tuple[dict, list]:
     from common import time_interleaved
 
     import optax_neuron as on
+    from optax_neuron import _random
 
     results, rows = {}, []
     for tree_name, build in trees(quick).items():
         params = build()
         grads = jax.tree.map(
-            lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params
+            lambda p: _random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params
         )
         txs = {"optax adam": optax.adam(1e-3), "neuron_adam full": on.neuron_adam(1e-3),
                "neuron_adam neuron": on.neuron_adam(1e-3, first_moment="neuron")}  # fmt: skip

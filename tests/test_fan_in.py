@@ -24,6 +24,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from optax_neuron import _random
 from optax_neuron.fan_in import (
     ALL_BUT_FIRST,
     ALL_BUT_LAST,
@@ -101,7 +102,7 @@ def _ones_like(a):
 
 
 def positive(*shape, seed=0):
-    return jax.random.uniform(jax.random.key(seed), shape, minval=0.5, maxval=1.5)
+    return _random.uniform(jax.random.key(seed), shape, minval=0.5, maxval=1.5)
 
 
 def nnx_apply_with(module, name, x, n_unit_axes):

@@ -9,7 +9,7 @@ import optax
 import pytest
 from _rso_nets import batch_norm, conv, small_cnn_params
 
-from optax_neuron import LayerStack, RSOState, conv_layer, dense_layer, rso, rso_init
+from optax_neuron import LayerStack, RSOState, _random, conv_layer, dense_layer, rso, rso_init
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -344,9 +344,9 @@ def _small_cnn():
 
 def test_incremental_columns_match_recomputed_layers():
     key = jax.random.key(3)
-    h = jax.random.normal(key, (2, 5, 4, 3))
+    h = _random.normal(key, (2, 5, 4, 3))
     params = {
-        "c": {"kernel": jax.random.normal(key, (3, 3, 3, 6))},
+        "c": {"kernel": _random.normal(key, (3, 3, 3, 6))},
         "d": {"kernel": jax.random.normal(key, (3, 7))},
     }
     for layer, shape, x in [
@@ -388,7 +388,7 @@ def test_layer_stack_fast_paths_match_black_box():
     kx, ky = jax.random.split(jax.random.key(7))
     batches = [
         (
-            jax.random.normal(jax.random.fold_in(kx, i), (8, 6, 6, 1)),
+            _random.normal(jax.random.fold_in(kx, i), (8, 6, 6, 1)),
             jax.random.randint(jax.random.fold_in(ky, i), (8,), 0, 3),
         )
         for i in range(3)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from _rso_nets import bn_layer, ce
 
-from optax_neuron import LayerStack, channelwise, conv_layer, dense_layer, rso_init
+from optax_neuron import LayerStack, _random, channelwise, conv_layer, dense_layer, rso_init
 from optax_neuron._tree import leaves_with_paths
 from optax_neuron.rso.evaluators import Change, Incremental, Target
 
@@ -67,7 +67,7 @@ _ce = ce
 
 def _data(n=16, seed=1):
     kx, ky = jax.random.split(jax.random.key(seed))
-    return jax.random.normal(kx, (n, 8, 8, 1)), jax.random.randint(ky, (n,), 0, 5)
+    return _random.normal(kx, (n, 8, 8, 1)), jax.random.randint(ky, (n,), 0, 5)
 
 
 def _target(params, path):
@@ -176,11 +176,11 @@ def test_incremental_between_two_adjacent_linear_layers():
 def test_add_input_channel_matches_a_numpy_loop(kshape, padding):
     """``out + A(W[..., c:c+1, :], d)`` against the convolution sum written out in NumPy."""
     kh, kw, cin, _ = kshape
-    w = np.asarray(jax.random.normal(jax.random.key(0), kshape))
-    x = np.asarray(jax.random.normal(jax.random.key(1), (2, 6, 7, 1)))
+    w = np.asarray(_random.normal(jax.random.key(0), kshape))
+    x = np.asarray(_random.normal(jax.random.key(1), (2, 6, 7, 1)))
     layer = conv_layer("c/kernel", padding=padding)
     out = np.asarray(layer({"c": {"kernel": jnp.asarray(w)}}, jnp.zeros((2, 6, 7, cin))))
-    base = np.asarray(jax.random.normal(jax.random.key(2), out.shape))
+    base = np.asarray(_random.normal(jax.random.key(2), out.shape))
     (top, _), (left, _) = layer._pads(kshape)
     c = 2
     want = base.astype(np.float64).copy()

@@ -20,7 +20,7 @@ import optax
 import pytest
 from _rso_nets import ce, small_cnn_layers, small_cnn_params, small_cnn_stages
 
-from optax_neuron import LayerStack, rso
+from optax_neuron import LayerStack, _random, rso
 
 N, B, CH = 40, 12, 3
 
@@ -34,7 +34,7 @@ _ce = ce
 def _setup():
     params = small_cnn_params(jax.random.key(3), ch=CH, classes=4)
     kx, ky = jax.random.split(jax.random.key(4))
-    return params, jax.random.normal(kx, (N, 6, 6, 1)), jax.random.randint(ky, (N,), 0, 4)
+    return params, _random.normal(kx, (N, 6, 6, 1)), jax.random.randint(ky, (N,), 0, 4)
 
 
 def _order_conv(shape):

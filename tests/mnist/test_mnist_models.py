@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import optax_neuron as on
+from optax_neuron import _random
 from optax_neuron.mnist.models import make_model, patch_conv
 from optax_neuron.mnist.rso import calibrate_batch_norm, rso_layers
 
@@ -24,7 +25,7 @@ from optax_neuron.mnist.rso import calibrate_batch_norm, rso_layers
 )
 def test_patch_conv_equals_lax_conv(shape, kernel, padding):
     kx, kw = jax.random.split(jax.random.key(0))
-    x, w = jax.random.normal(kx, shape), jax.random.normal(kw, kernel)
+    x, w = _random.normal(kx, shape), _random.normal(kw, kernel)
     dn = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
     hi = jax.lax.Precision.HIGHEST
 
@@ -95,7 +96,7 @@ def test_models_shapes_and_sizes():
 def test_rso_layers_compute_the_model(name):
     model = make_model(name, nnx.Rngs(1), **({"hidden": 8} if name == "mlp" else {"channels": 4}))
     model.train()  # BatchNorm with batch statistics, as RSO's loss uses
-    x = jax.random.uniform(jax.random.key(2), (16, 28, 28, 1))
+    x = _random.uniform(jax.random.key(2), (16, 28, 28, 1))
     y = jnp.arange(16) % 10
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     ce = lambda logits, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
