@@ -17,7 +17,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 _TRUNCATED_STD = 0.87962566103423978
 
 
-def _flat(draw, shape: Sequence[int]):
+def _flat(draw: Callable[[tuple[int, ...]], jax.Array], shape: Sequence[int]) -> jax.Array:
     """``draw(shape)``, as ``draw((prod(shape),))`` reshaped (the same values)."""
     shape = tuple(shape)
     if len(shape) < 2:
@@ -34,17 +35,23 @@ def _flat(draw, shape: Sequence[int]):
     return draw((math.prod(shape),)).reshape(shape)
 
 
-def normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+def normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     """``jax.random.normal(key, shape, dtype)``, the same values, drawn flat."""
     return _flat(lambda s: jax.random.normal(key, s, dtype), shape)
 
 
-def uniform(key: jax.Array, shape: Sequence[int], dtype=jnp.float32, minval=0.0, maxval=1.0):
+def uniform(
+    key: jax.Array,
+    shape: Sequence[int],
+    dtype: Any = jnp.float32,
+    minval: float = 0.0,
+    maxval: float = 1.0,
+) -> jax.Array:
     """``jax.random.uniform(key, shape, dtype, minval, maxval)``, the same values, drawn flat."""
     return _flat(lambda s: jax.random.uniform(key, s, dtype, minval, maxval), shape)
 
 
-def lecun_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+def lecun_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     """Flax's default kernel initializer (``nnx.initializers.lecun_normal()``), drawn flat.
 
     .. math:: W = \\frac{z}{0.8796\\ldots} \\sqrt{1 / \\mathrm{fan\\_in}}, \\quad
@@ -57,4 +64,5 @@ def lecun_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax
     dtype = jnp.dtype(dtype)
     fan_in = math.prod(shape[:-1])
     std = jnp.sqrt(jnp.array(1.0 / fan_in, dtype)) / jnp.array(_TRUNCATED_STD, dtype)
-    return _flat(lambda s: jax.random.truncated_normal(key, -2, 2, s, dtype), shape) * std
+    z = _flat(lambda s: jax.random.truncated_normal(key, -2, 2, s, dtype), shape)
+    return jnp.asarray(z * std)
