@@ -167,6 +167,10 @@ html_theme_options = {
     "repository_branch": "main",
     "path_to_docs": "docs",
     "home_page_in_toc": True,
+    # The sidebar opens the branch of the page shown, not all 180-odd pages of the API
+    # reference on every page: the build takes 17 s instead of 37 s (the theme renders the
+    # whole navigation tree into each page).
+    "collapse_navbar": True,
 }
 html_static_path: list[str] = []
 html_last_updated_fmt = ""
