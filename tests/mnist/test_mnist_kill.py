@@ -2,10 +2,11 @@
 SIGTERM, and a damaged checkpoint.
 
 Each case starts ``python -m optax_neuron.mnist`` as a subprocess on a tiny
-slice (``--limit-train 256``, 2 epochs), interrupts it at a known point, resumes
-it with ``--resume`` and compares with one uninterrupted run: the histories
-(without timings) and every array of the final checkpoints must be equal, bit
-for bit. The test-only hook ``OPTAX_NEURON_TEST_SLEEP`` (see
+slice (``--limit-train 256``, 2 epochs) and interrupts it at a known point. After
+SIGKILL and after a damaged record it resumes with ``--resume`` and compares with one
+uninterrupted run: the histories (without timings) and every array of the final
+checkpoints must be equal, bit for bit. After Ctrl-C and SIGTERM the checkpoint left
+behind must be epoch 1's, equal to the uninterrupted run's. The test-only hook ``OPTAX_NEURON_TEST_SLEEP`` (see
 :mod:`optax_neuron.mnist.checkpoints`) holds the process inside epoch 2 or
 inside the save of epoch 2 long enough for the signal to land there.
 """
