@@ -39,8 +39,8 @@ $(DEMO_STAMP): pyproject.toml
 	$(call install,mnist,1)
 	touch $(DEMO_STAMP)
 
-# Bytecode of what they import is written by the commands that use the full environment.
-lint docs pytest test bench notebooks: export PYTHONDONTWRITEBYTECODE :=
+# Bytecode of what they import is written by the commands that use the environment.
+demo lint docs pytest test bench notebooks: export PYTHONDONTWRITEBYTECODE :=
 
 demo: $(DEMO_STAMP)
 	$(PY) -m optax_neuron.mnist --out outputs/demo
