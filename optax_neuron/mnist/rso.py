@@ -252,8 +252,15 @@ class RSOSearch:
     reach differ only where the losses order the candidates differently).
 
     Example:
-      >>> search = RSOSearch(model, x_train, y_train, batch=256, cycles=5)  # doctest: +SKIP
-      >>> params, state = search.cycle(search.params, search.state, 0)       # doctest: +SKIP
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from optax_neuron.mnist.models import make_model
+      >>> model = make_model("rso-paper", nnx.Rngs(0), channels=2)  # the paper net, 2 channels
+      >>> x_train, y_train = np.zeros((64, 28, 28, 1), np.float32), np.zeros(64, np.int32)
+      >>> search = RSOSearch(model, x_train, y_train, batch=32, cycles=5)
+      >>> search.total  # the weights a cycle visits, each once
+      242
+      >>> params, state = search.cycle(search.params, search.state, 0)  # doctest: +SKIP
     """
 
     def __init__(
