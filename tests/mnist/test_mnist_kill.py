@@ -6,9 +6,9 @@ slice (``--limit-train 256``, 2 epochs) and interrupts it at a known point. Afte
 SIGKILL and after a damaged record it resumes with ``--resume`` and compares with one
 uninterrupted run: the histories (without timings) and every array of the final
 checkpoints must be equal, bit for bit. After Ctrl-C and SIGTERM the checkpoint left
-behind must be epoch 1's, equal to the uninterrupted run's. The test-only hook ``OPTAX_NEURON_TEST_SLEEP`` (see
-:mod:`optax_neuron.mnist.checkpoints`) holds the process inside epoch 2 or
-inside the save of epoch 2 long enough for the signal to land there.
+behind must be epoch 1's, equal to the uninterrupted run's. The test-only hook
+``OPTAX_NEURON_TEST_SLEEP`` (see :mod:`optax_neuron.mnist.checkpoints`) holds the process
+inside epoch 2 or inside the save of epoch 2 long enough for the signal to land there.
 """
 
 from __future__ import annotations
