@@ -62,7 +62,7 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-def _final_state(checkpoint: Path, epoch: int = 2) -> list[np.ndarray]:
+def _state(checkpoint: Path, epoch: int) -> list[np.ndarray]:
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckpt:
@@ -72,26 +72,32 @@ def _final_state(checkpoint: Path, epoch: int = 2) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def _history(out: Path) -> list[dict]:
-    epochs = json.loads((out / "metrics.json").read_text())["epochs"]
+def _timeless(epochs: list[dict]) -> list[dict]:
     return [{k: v for k, v in e.items() if k not in ("epoch_time", "wall_time")} for e in epochs]
+
+
+def _history(out: Path) -> list[dict]:
+    return _timeless(json.loads((out / "metrics.json").read_text())["epochs"])
 
 
 @pytest.fixture(scope="module")
 def straight(run_once):
     """One uninterrupted run (one per pytest run): its history and final checkpoint."""
     root = run_once("kill_straight", lambda d: _finish(_start(d / "ckpt", d / "out")))
-    return _history(root / "out"), _final_state(root / "ckpt"), root / "ckpt"
+    return _history(root / "out"), _state(root / "ckpt", 2), root / "ckpt"
+
+
+def _assert_equal_states(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
 
 
 def _assert_same_as_straight(straight, checkpoint: Path, out: Path) -> None:
     history, state, _ = straight
     assert _history(out) == history
-    got = _final_state(checkpoint)
-    assert len(got) == len(state) > 0
-    for a, b in zip(got, state, strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(a, b)
+    _assert_equal_states(_state(checkpoint, 2), state)
 
 
 @pytest.mark.parametrize("where", ["epoch", "save"])
@@ -136,12 +142,8 @@ def test_ctrl_c_and_sigterm_say_where_to_resume(sig, code, how, tmp_path, straig
     # checkpoint to the same bits is the SIGKILL test's).
     assert sorted(p.name for p in ckpt.iterdir()) == ["1", "epoch-1.json"]
     record = json.loads((ckpt / "epoch-1.json").read_text())
-    timeless = [{k: v for k, v in e.items() if k not in ("epoch_time", "wall_time")}
-                for e in record["history"]]  # fmt: skip
-    assert record["epoch"] == 1 and timeless == straight[0][:1]
-    for a, b in zip(_final_state(ckpt, 1), _final_state(straight[2], 1), strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(a, b)
+    assert record["epoch"] == 1 and _timeless(record["history"]) == straight[0][:1]
+    _assert_equal_states(_state(ckpt, 1), _state(straight[2], 1))
 
 
 def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumed(tmp_path, straight):
