@@ -289,11 +289,12 @@ def _write_decoded(ds: Dataset, sha256: str) -> None:
     for name, a in zip(Dataset._fields, ds, strict=True):
         if name.endswith("images"):
             k = a * np.float32(_LEVELS)
-            if not (k.min() >= 0 and k.max() < _LEVELS and np.array_equal(k, np.round(k))):
+            if not (k.min() >= 0 and k.max() < _LEVELS):  # else the byte cast is undefined
                 return
-            a = k.astype(np.uint8)
-            if not np.array_equal(_from_levels(a), ds[Dataset._fields.index(name)]):
+            levels = k.astype(np.uint8)
+            if not np.array_equal(_from_levels(levels), a):  # every pixel exactly k / 256
                 return
+            a = levels
         arrays[name] = a
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
