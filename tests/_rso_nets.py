@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_neuron import _random, channelwise, conv_layer, dense_layer, rso_init
+from optax_neuron import channelwise, conv_layer, dense_layer, rso_init
 
 
 def batch_norm(h, scale, bias, eps=1e-5):
@@ -129,21 +129,16 @@ def small_paper_model(channels=2):
     """
     from flax import nnx
 
-    from optax_neuron.mnist.models import SubtractMean, _avg_pool2, _global_avg_pool, patch_conv
+    from optax_neuron.mnist.models import SubtractMean, _avg_pool2, _conv, _global_avg_pool
 
     rngs = nnx.Rngs(0)
-    conv_kw = {
-        "padding": "SAME",
-        "use_bias": False,
-        "conv_general_dilated": patch_conv,
-        "kernel_init": _random.lecun_normal,  # Flax's default, drawn flat
-    }
+    conv_kw = {"rngs": rngs, "padding": "SAME", "use_bias": False}  # as rso_paper's convs
     model = nnx.Sequential(
         SubtractMean(),
-        nnx.Conv(1, channels, (3, 3), rngs=rngs, **conv_kw),
+        _conv(1, channels, **conv_kw),
         nnx.BatchNorm(channels, rngs=rngs),
         nnx.relu,
-        nnx.Conv(channels, channels, (3, 3), rngs=rngs, **conv_kw),
+        _conv(channels, channels, **conv_kw),
         _avg_pool2,
         nnx.BatchNorm(channels, rngs=rngs),
         _global_avg_pool,
