@@ -1,5 +1,7 @@
 """Models: shapes, parameter counts from the architecture, the im2col convolution."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from flax import nnx
 import optax_neuron as on
 from optax_neuron import _random
 from optax_neuron.mnist.models import make_model, patch_conv
-from optax_neuron.mnist.rso import calibrate_batch_norm, rso_layers
+from optax_neuron.mnist.rso import _tiled_pool, calibrate_batch_norm, rso_layers
 
 
 @pytest.mark.parametrize(
@@ -108,6 +110,42 @@ def test_rso_layers_compute_the_model(name):
         calibrate_batch_norm(model, x)
         model.eval()  # running averages now equal the statistics of x
         np.testing.assert_allclose(ce(forward(model, x), y), stack_loss, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pool", [nnx.avg_pool, nnx.max_pool])
+@pytest.mark.parametrize("window", [(2, 2), (3, 3), (2, 3)])
+def test_tiled_pool_is_the_pooling(pool, window):
+    """RSO's pooling over non-overlapping windows against a NumPy loop over the windows and
+    against Flax's pooling (bit for bit for the models' 2x2 window: XLA:CPU adds a 2x2 window
+    pairwise, as the tiled pooling does); odd sizes drop the last row and column as Flax does."""
+    fn = functools.partial(pool, window_shape=window, strides=window)
+    tiled = jax.jit(_tiled_pool(fn))
+    kh, kw = window
+    for shape in [(3, 28, 28, 4), (2, 7, 8, 1)]:
+        x = np.asarray(_random.normal(jax.random.key(sum(shape)), shape))
+        got = np.asarray(tiled(jnp.asarray(x)))
+        ho, wo = shape[1] // kh, shape[2] // kw
+        want = np.zeros((shape[0], ho, wo, shape[3]), np.float64)
+        for i in range(ho):
+            for j in range(wo):
+                block = x[:, i * kh : i * kh + kh, j * kw : j * kw + kw].astype(np.float64)
+                want[:, i, j] = block.mean((1, 2)) if pool is nnx.avg_pool else block.max((1, 2))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        flax_out = np.asarray(jax.jit(fn)(jnp.asarray(x)))
+        assert got.shape == flax_out.shape
+        if window == (2, 2) and jax.default_backend() == "cpu":
+            np.testing.assert_array_equal(got.view(np.uint32), flax_out.view(np.uint32))
+
+
+def test_tiled_pool_only_for_non_overlapping_windows():
+    """Overlapping windows, padding and other functions keep the model's own pooling."""
+    avg = nnx.avg_pool
+    assert _tiled_pool(functools.partial(avg, window_shape=(2, 2))) is None  # strides 1
+    assert _tiled_pool(functools.partial(avg, window_shape=(3, 3), strides=(2, 2))) is None
+    assert _tiled_pool(functools.partial(avg, window_shape=(2, 2), padding="SAME")) is None
+    kw = {"window_shape": (2, 2), "strides": (2, 2), "count_include_pad": False}
+    assert _tiled_pool(functools.partial(avg, **kw)) is None
+    assert _tiled_pool(nnx.relu) is None
 
 
 def test_vit_shapes_patches_and_attention_fan_in():
