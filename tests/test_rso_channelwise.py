@@ -170,11 +170,13 @@ def test_incremental_between_two_adjacent_linear_layers():
             np.testing.assert_allclose(np.asarray(got), np.asarray(acts[j]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize(
     "kshape, padding", [((3, 3, 4, 5), "SAME"), ((2, 3, 4, 5), "SAME"), ((3, 2, 4, 5), "VALID")]
 )
-def test_add_input_channel_matches_a_numpy_loop(kshape, padding):
-    """``out + A(W[..., c:c+1, :], d)`` against the convolution sum written out in NumPy."""
+def test_add_input_channel_matches_a_numpy_loop(kshape, padding, fused):
+    """``out + A(W[..., c:c+1, :], d)`` against the convolution sum written out in NumPy, as one
+    matrix product of the taps and as the taps' broadcast products (``fused``)."""
     kh, kw, cin, _ = kshape
     w = np.asarray(_random.normal(jax.random.key(0), kshape))
     x = np.asarray(_random.normal(jax.random.key(1), (2, 6, 7, 1)))
@@ -192,12 +194,13 @@ def test_add_input_channel_matches_a_numpy_loop(kshape, padding):
                         yi, xi = yo + a - top, xo + b - left
                         if 0 <= yi < 6 and 0 <= xi < 7:
                             want[n, yo, xo] += x[n, yi, xi, 0] * w[a, b, c].astype(np.float64)
-    got = layer.add_input_channel({"c": {"kernel": jnp.asarray(w)}}, jnp.asarray(base), x, c)
+    kernel = {"c": {"kernel": jnp.asarray(w)}}
+    got = layer.add_input_channel(kernel, jnp.asarray(base), x, c, fused)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     dense = dense_layer("d/kernel")
     wd = np.asarray(jax.random.normal(jax.random.key(3), (4, 5)))
     got = dense.add_input_channel(
-        {"d": {"kernel": jnp.asarray(wd)}}, jnp.asarray(base[:, 0, 0]), x[:, 0, 0], c
+        {"d": {"kernel": jnp.asarray(wd)}}, jnp.asarray(base[:, 0, 0]), x[:, 0, 0], c, fused
     )
     np.testing.assert_allclose(np.asarray(got), base[:, 0, 0] + x[:, 0, 0] * wd[c], rtol=1e-6)
 

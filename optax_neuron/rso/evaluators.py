@@ -26,6 +26,7 @@ owner's input over the whole data set.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -229,12 +230,27 @@ class Incremental:
         nxt = h - _cm_channel(self._next_in(cache), o) if self.linear_m else h
         return ChannelAux(o, new_k, h, nxt)
 
+    def _fused(self, params, next_out: jax.Array) -> bool:
+        """Whether layer m's change is left for XLA to fuse into the layer after m: that layer
+        is channel-wise and gives fewer elements than it reads (pooling), so the changed
+        output of layer m need never be written in full (see
+        :meth:`LinearLayer.add_input_channel`)."""
+        after = self.stack.layers[self.m + 1 : self.m + 2]
+        if not after or not isinstance(after[0], ChannelwiseLayer):
+            return False
+        out = jax.eval_shape(lambda h: after[0](params, h), next_out)
+        return math.prod(out.shape) < next_out.size
+
+    def _next_out(self, params, next_out: jax.Array | None, change: jax.Array, o) -> jax.Array:
+        """Layer m's output after its input channel ``o`` changes by ``change``."""
+        assert next_out is not None  # cached whenever layer m is linear
+        fused = self._fused(params, next_out)
+        return self.stack.layers[self.m].add_input_channel(params, next_out, change, o, fused)
+
     def _loss(self, params, cache: ChannelCache, aux: ChannelAux) -> jax.Array:
         o = aux.channel
         if self.linear_m:
-            out = self.stack.layers[self.m].add_input_channel(
-                params, cache.next_out, aux.next_change, o
-            )
+            out = self._next_out(params, cache.next_out, aux.next_change, o)
             return self.stack.from_layer(self.m + 1, params, out)
         h = jnp.moveaxis(_cm_set(self._next_in(cache), o, aux.next_change), 0, -1)
         return self.stack.from_layer(self.m, params, h)
@@ -266,7 +282,7 @@ class Incremental:
         next_out = cache.next_out
         if self.linear_m:  # the channel's change only where applied (else exact zeros)
             change = jnp.where(apply, aux.next_change, 0.0)
-            next_out = self.stack.layers[self.m].add_input_channel(params, next_out, change, o)
+            next_out = self._next_out(params, next_out, change, o)
         return ChannelCache(
             owner_in=cache.owner_in,
             owner_out=keep(cache.owner_out, aux.owner_out),
