@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -289,11 +288,12 @@ class LinearLayer:
         dp = jnp.pad(d, ((0, 0), *self._pads(w.shape), (0, 0)))
         ho, wo = dp.shape[1] - kh + 1, dp.shape[2] - kw + 1
         taps = [dp[:, a : a + ho, b : b + wo] for a in range(kh) for b in range(kw)]
+        w_taps = w_c.reshape(kh * kw, -1)  # row a * kw + b: the tap (a, b), as in taps
         if fused:
-            for (a, b), tap in zip(itertools.product(range(kh), range(kw)), taps, strict=True):
-                out = out + (tap * w_c[a, b]).astype(out.dtype)
+            for tap, w_tap in zip(taps, w_taps, strict=True):
+                out = out + (tap * w_tap).astype(out.dtype)
             return out
-        prod = jnp.concatenate(taps, -1) @ w_c.reshape(kh * kw, -1)
+        prod = jnp.concatenate(taps, -1) @ w_taps
         return out + prod.astype(out.dtype)
 
 
