@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_neuron.rso import rule
-from optax_neuron.rso.evaluators import Change, Target, make_evaluator
+from optax_neuron.rso.evaluators import Change, Target, make_evaluator, set_element
 from optax_neuron.rso.plan import Plan
 
 
@@ -132,8 +132,8 @@ def _segment(s: Search, t: int, d: rule.Draws, c: Carry) -> Carry:
         return LeafCarry(
             cursor=lc.cursor + 1,
             done=lc.done + 1,
-            work=lc.work.at[idx].set(p0[idx] + u_new),
-            upd=lc.upd.at[idx].set(u_new),
+            work=set_element(lc.work, idx, p0[idx] + u_new),
+            upd=set_element(lc.upd, idx, u_new),
             accepted=lc.accepted + ch.accepted.astype(jnp.int32),
             loss=ch.best,
             cache=ev.commit(params(lc.work), lc.cache, kept_aux, ch.accepted | s.decay),
@@ -152,7 +152,7 @@ def _segment(s: Search, t: int, d: rule.Draws, c: Carry) -> Carry:
         done=out.done,
         work=[*c.work[:t], out.work, *c.work[t + 1 :]],
         upd=[*c.upd[:t], out.upd, *c.upd[t + 1 :]],
-        accepted=c.accepted.at[t].add(out.accepted),
+        accepted=c.accepted + jnp.where(jnp.arange(c.accepted.shape[0]) == t, out.accepted, 0),
         loss=out.loss,
     )
 
