@@ -45,7 +45,7 @@ class Change(NamedTuple):
     key: jax.Array  # the weight's k_batch
 
 
-def set_element(x: jax.Array, i: jax.Array | int, value: jax.Array) -> jax.Array:
+def set_element(x: jax.Array, i: jax.Array, value: jax.Array) -> jax.Array:
     """``x`` (1-D) with element ``i`` (``0 <= i < x.size``) set to ``value``.
 
     A dynamic-update-slice, updated in place; ``x.at[i].set(value)`` is the same array

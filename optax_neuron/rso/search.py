@@ -152,7 +152,7 @@ def _segment(s: Search, t: int, d: rule.Draws, c: Carry) -> Carry:
         done=out.done,
         work=[*c.work[:t], out.work, *c.work[t + 1 :]],
         upd=[*c.upd[:t], out.upd, *c.upd[t + 1 :]],
-        accepted=set_element(c.accepted, t, c.accepted[t] + out.accepted),
+        accepted=c.accepted + jnp.where(jnp.arange(c.accepted.shape[0]) == t, out.accepted, 0),
         loss=out.loss,
     )
 
