@@ -152,6 +152,8 @@ def _segment(s: Search, t: int, d: rule.Draws, c: Carry) -> Carry:
         done=out.done,
         work=[*c.work[:t], out.work, *c.work[t + 1 :]],
         upd=[*c.upd[:t], out.upd, *c.upd[t + 1 :]],
+        # a one-hot add, not set_element: on an Explicit mesh the count carries the batch's
+        # sharding, which a dynamic-update-slice into the replicated counts refuses
         accepted=c.accepted + jnp.where(jnp.arange(c.accepted.shape[0]) == t, out.accepted, 0),
         loss=out.loss,
     )
