@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -288,12 +289,14 @@ class LinearLayer:
         dp = jnp.pad(d, ((0, 0), *self._pads(w.shape), (0, 0)))
         ho, wo = dp.shape[1] - kh + 1, dp.shape[2] - kw + 1
         taps = [dp[:, a : a + ho, b : b + wo] for a in range(kh) for b in range(kw)]
-        w_taps = w_c.reshape(kh * kw, -1)  # row a * kw + b: the tap (a, b), as in taps
         if fused:
-            for tap, w_tap in zip(taps, w_taps, strict=True):
-                out = out + (tap * w_tap).astype(out.dtype)
+            # each tap's row as w_c[a, b], a slice of the kernel's channel: the same rows
+            # read from a (kh * kw, C_out) reshape made a paper-net cycle 1.12x slower on
+            # XLA:CPU (same products in the same order, the same weights)
+            for (a, b), tap in zip(itertools.product(range(kh), range(kw)), taps, strict=True):
+                out = out + (tap * w_c[a, b]).astype(out.dtype)
             return out
-        prod = jnp.concatenate(taps, -1) @ w_taps
+        prod = jnp.concatenate(taps, -1) @ w_c.reshape(kh * kw, -1)  # row a * kw + b: tap (a, b)
         return out + prod.astype(out.dtype)
 
 
