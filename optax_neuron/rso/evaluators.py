@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_neuron.rso.layers import ChannelwiseLayer, LayerStack, LinearLayer
+from optax_neuron.rso.layers import ChannelwiseLayer, LayerStack, LinearLayer, materialised
 
 
 class Change(NamedTuple):
@@ -141,17 +141,6 @@ def _cm_channel(x_cm: jax.Array, channel: jax.Array) -> jax.Array:
 def _cm_set(x_cm: jax.Array, channel: jax.Array, value: jax.Array) -> jax.Array:
     """``x_cm`` with channel ``channel`` replaced by ``value`` ``(N, ..., 1)``."""
     return jax.lax.dynamic_update_index_in_dim(x_cm, value[..., 0].astype(x_cm.dtype), channel, 0)
-
-
-def _materialised(fn, index):
-    """``fn()``, computed into buffers of its own: the true branch of a ``lax.cond`` on a
-    predicate that always holds but XLA cannot fold (``index >= 0``, a traced element
-    index; the other branch gives zeros and is never taken). XLA then cannot duplicate
-    ``fn``'s computation into later fusions (``optimization_barrier`` does not stop that on
-    CPU), so every read of its operands ends before they are updated in place."""
-    out = jax.eval_shape(fn)
-    zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out)
-    return jax.lax.cond(index >= 0, fn, zeros)
 
 
 class ChannelCache(NamedTuple):
@@ -270,7 +259,7 @@ class Incremental:
         # the one-channel paths first, materialised (small): otherwise XLA recomputes them
         # inside every consumer fusion, and reads of the cache after its in-place update
         # force it to copy the cached activations on every weight
-        aux = _materialised(
+        aux = materialised(
             lambda: jax.tree.map(
                 lambda *xs: jnp.stack(xs),
                 *[self._channel(params, cache, change, c) for c in range(n)],
