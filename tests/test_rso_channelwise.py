@@ -70,20 +70,27 @@ def _data(n=16, seed=1):
     return _random.normal(kx, (n, 8, 8, 1)), jax.random.randint(ky, (n,), 0, 5)
 
 
-def _target(params, path):
+def _target(params, path, runs=False):
+    """The leaf at ``path``; ``runs``: visited neuron by neuron (one output channel at a time)."""
     paths = [p for p, _ in leaves_with_paths(params)[0]]
     leaf = leaves_with_paths(params)[0][paths.index(path)][1]
-    return Target(leaves_with_paths(params)[1], paths.index(path), path, leaf.shape)
+    run = leaf.size // leaf.shape[-1] if runs else 1
+    return Target(leaves_with_paths(params)[1], paths.index(path), path, leaf.shape, run)
 
 
-def _cached_inputs(ev, cache):
-    """``{layer i: its input}`` (channels last) from the named fields of the cache."""
+def _cached_inputs(ev, cache, params):
+    """``{layer i: its input}`` (channels last) from the named fields of the cache; in the run
+    form, layer m's output is the cached one plus input channel ``without``'s contribution."""
     last = lambda x: jnp.moveaxis(x, 0, -1)
     out = {ev.k: last(cache.owner_in), ev.k + 1: last(cache.owner_out)}
     if cache.next_in is not None:
         out[ev.m] = last(cache.next_in)
     if cache.next_out is not None:
         out[ev.m + 1] = cache.next_out
+    if cache.without is not None:
+        r = cache.without
+        h_r = jnp.moveaxis(ev._next_in(cache), 0, -1)[..., r][..., None]
+        out[ev.m + 1] = ev.stack.layers[ev.m].add_input_channel(params, cache.next_out, h_r, r)
     return out
 
 
@@ -113,9 +120,8 @@ def test_incremental_scores_and_commit_match_full_evaluation(k, path, m):
         moved = [target.moved(params, flat, v) for v in change.values]
         cache = ev.start(params)
         losses, aux = ev.scores(params, cache, change)
-        first = jax.tree.map(lambda a: a[0], aux)
-        kept = ev.commit(params, cache, first, False)
-        committed = ev.commit(params, cache, first, True)
+        kept = ev.commit(params, cache, aux, 0, False)
+        committed = ev.commit(params, cache, aux, 0, True)
         want = [stack(p) for p in moved]
         return losses, want, kept, committed, stack.activations(moved[0])[0], cache
 
@@ -128,11 +134,48 @@ def test_incremental_scores_and_commit_match_full_evaluation(k, path, m):
             np.testing.assert_allclose(float(g), float(w), rtol=RTOL)
         for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(cache), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # not applied: unchanged
-        inputs = _cached_inputs(ev, committed)
+        inputs = _cached_inputs(ev, committed, params)
         assert sorted(inputs) == sorted({k, k + 1, m, m + 1})
         for j, h in inputs.items():  # applied: the cached activations of the moved params
             np.testing.assert_allclose(np.asarray(h), np.asarray(acts[j]), rtol=1e-4, atol=1e-5)
     print(f"{path}: max relative loss difference {worst:.2e}")
+
+
+@pytest.mark.parametrize(
+    "k,path", [(0, "conv0/kernel"), (3, "conv1/kernel"), (7, "conv2/kernel"), (10, "head/kernel")]
+)
+def test_run_form_follows_a_neuron_order_visit_against_full_evaluation(k, path):
+    """Visited neuron by neuron, the cache keeps layer m's output without the current output
+    channel's contribution: several weights of one channel, then a new channel and back,
+    each kept candidate committed, every loss and cached input against the full evaluation
+    of the parameters as they stand."""
+    params, layers = _net()
+    x, y = _data()
+    stack = LayerStack(layers, _ce, x, y)
+    target = _target(params, path, runs=True)
+    ev = Incremental(stack, k, target)
+    assert ev.runs == (path != "head/kernel")  # the head is the last layer: no layer m
+    ch = target.shape[-1]
+    flats = [ch + 1, 2 * ch + 1, 1, ch + 2, 2, 5 * ch + 1] if ev.runs else [1, ch + 2]
+    flats = [f for f in flats if f < np.prod(target.shape)]
+
+    @jax.jit
+    def step(params, cache, flat, deltas, kept):
+        change = _change(params, target, flat, deltas)
+        losses, aux = ev.scores(params, cache, change)
+        want = jnp.stack([stack(target.moved(params, flat, v)) for v in change.values])
+        params = target.moved(params, flat, change.values[kept])
+        return params, ev.commit(params, cache, aux, kept, True), losses, want
+
+    cache = ev.start(params)
+    for i, flat in enumerate(flats):
+        params, cache, got, want = step(params, cache, jnp.int32(flat), [0.4, -0.6], i % 2)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=RTOL)
+        if ev.runs:
+            assert int(cache.without) == flat % ch
+        acts = stack.activations(params)[0]
+        for j, h in _cached_inputs(ev, cache, params).items():
+            np.testing.assert_allclose(np.asarray(h), np.asarray(acts[j]), rtol=1e-4, atol=1e-5)
 
 
 def test_incremental_between_two_adjacent_linear_layers():
@@ -160,13 +203,13 @@ def test_incremental_between_two_adjacent_linear_layers():
         change = _change(params, target, flat, deltas)
         moved = target.moved(params, change.flat_index, change.values[0])
         losses, aux = ev.scores(params, cache, change)
-        committed = ev.commit(params, cache, jax.tree.map(lambda a: a[0], aux), True)
+        committed = ev.commit(params, cache, aux, 0, True)
         return losses[0], stack(moved), stack.activations(moved)[0], committed
 
     for flat, delta in [(0, 0.4), (25, -1.1), (53, 2.0)]:
         got_loss, want_loss, acts, committed = check(jnp.int32(flat), [delta])
         np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=RTOL)
-        for j, got in _cached_inputs(ev, committed).items():
+        for j, got in _cached_inputs(ev, committed, params).items():
             np.testing.assert_allclose(np.asarray(got), np.asarray(acts[j]), rtol=1e-4, atol=1e-5)
 
 

@@ -8,8 +8,9 @@ An evaluator serves one searched leaf (a *segment* of the search) and has three 
   values; ``params`` hold the element at its committed value. ``aux`` holds, per
   candidate, what the cache needs to keep that candidate (a NamedTuple, leading axis
   the candidates);
-* ``commit(params, cache, aux, apply) -> cache``: the cache after the candidate whose
-  ``aux`` is given is kept, where ``apply`` (else the cache unchanged).
+* ``commit(params, cache, aux, kept, apply) -> cache``: the cache after candidate
+  ``kept`` (an index into the candidates) is kept, where ``apply`` (else the cache as
+  the weight's scores leave it: the candidates' values are not written).
 
 :class:`BlackBox` calls ``value_fn``. :class:`CachedStack` re-runs a
 :class:`LayerStack` from the layer owning the leaf on its cached input.
@@ -57,12 +58,15 @@ def set_element(x: jax.Array, i: jax.Array, value: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """The searched leaf: its ``path``, flat leaf ``index`` of ``treedef`` and ``shape``."""
+    """The searched leaf: its ``path``, flat leaf ``index`` of ``treedef``, ``shape``, and
+    ``run``: how many weights in a row the visiting order takes with one index of the last
+    axis (the owner's output channel): ``size // shape[-1]`` in the neuron order, else 1."""
 
     treedef: Any
     index: int
     path: str
     shape: tuple[int, ...]
+    run: int = 1  # consecutive visited weights that share the index of the leaf's last axis
 
     def moved(self, params: Any, flat_index: jax.Array, value: jax.Array) -> Any:
         """``params`` with element ``flat_index`` of the searched leaf set to ``value``."""
@@ -104,7 +108,7 @@ class BlackBox:
 
         return _each_candidate(loss, self.target, params, change), NoAux()
 
-    def commit(self, params: Any, cache: NoCache, aux: NoAux, apply: jax.Array) -> NoCache:
+    def commit(self, params: Any, cache: NoCache, aux: NoAux, kept, apply) -> NoCache:
         return cache
 
 
@@ -129,7 +133,7 @@ class CachedStack:
 
         return _each_candidate(loss, self.target, params, change), NoAux()
 
-    def commit(self, params: Any, cache: StackInput, aux: NoAux, apply: jax.Array) -> StackInput:
+    def commit(self, params: Any, cache: StackInput, aux: NoAux, kept, apply) -> StackInput:
         return cache
 
 
@@ -148,23 +152,35 @@ class ChannelCache(NamedTuple):
     contiguous block) but ``next_out``.
 
     ``next_in`` is ``None`` when the next layer follows the owner directly (it is then
-    ``owner_out``); ``next_out`` is ``None`` when the next layer is not linear.
+    ``owner_out``); ``next_out`` is ``None`` when the next layer is not linear. In the run
+    form (see :class:`Incremental`) ``next_out`` is layer m's output less what its input
+    channel ``without`` contributes; otherwise ``without`` is ``None``.
     """
 
     owner_in: jax.Array  # input of the owner layer k
     owner_out: jax.Array  # output of layer k
     next_in: jax.Array | None  # input of layer m (the first layer after k not channel-wise)
     next_out: jax.Array | None  # output of layer m, as the stack has it (m linear)
+    without: jax.Array | None  # int32 scalar: the input channel left out of next_out
 
 
 class ChannelAux(NamedTuple):
     """One candidate's moved ``channel``: of the owner's output, of layer m's input, and
-    ``next_change``: the change of layer m's input channel (m linear) or its new value."""
+    ``next_change``: what layer m receives of it: the change of its input channel (m
+    linear), the channel's new value (m linear, run form) or the new value (m not linear)."""
 
     channel: jax.Array
     owner_out: jax.Array
     next_in: jax.Array
     next_change: jax.Array
+
+
+class IncrementalAux(NamedTuple):
+    """The candidates' channels (leading axis: the candidates) and, in the run form, layer
+    m's output without the weight's channel, which the candidates were added to."""
+
+    candidates: ChannelAux
+    next_out: jax.Array | None
 
 
 class Incremental:
@@ -178,6 +194,15 @@ class Incremental:
     ``A(W_m[..., o:o+1, :], change of channel o)`` added to its cached output and the
     layers after it re-run; any other layer (or the loss) re-runs from its cached input
     with channel ``o`` replaced. The losses differ from the black box by float rounding.
+
+    **The run form**, where layer m is linear and the visiting order takes more than two
+    weights in a row with one output channel (``target.run``: the neuron order): the cache
+    keeps layer m's output less the contribution of input channel ``o``,
+    ``R = out_m - A(W_m[..., o:o+1, :], h_o)``, so a candidate's output is
+    ``R + A(W_m[..., o:o+1, :], h_o')`` and keeping it writes only the channel ``h_o'``,
+    nothing of layer m's size. When the channel changes from ``r`` to ``o``, ``R`` gets
+    ``A(W_m[.., r], h_r) - A(W_m[.., o], h_o)``: two updates per run instead of one per
+    weight.
     """
 
     def __init__(self, stack: LayerStack, k: int, target: Target):
@@ -187,6 +212,7 @@ class Incremental:
             m += 1
         self.m = m
         self.linear_m = m < len(stack.layers) and isinstance(stack.layers[m], LinearLayer)
+        self.runs = self.linear_m and target.run > 2
 
     @staticmethod
     def applies(stack: LayerStack, k: int, target: Target) -> bool:
@@ -201,12 +227,19 @@ class Incremental:
         acts = self.stack.activations(params)[0]
         k, m = self.k, self.m
         cm = lambda x: jnp.moveaxis(x, -1, 0)
-        return ChannelCache(
+        cache = ChannelCache(
             owner_in=cm(acts[k]),
             owner_out=cm(acts[k + 1]),
             next_in=cm(acts[m]) if m > k + 1 else None,
             next_out=acts[m + 1] if self.linear_m else None,
+            without=None,
         )
+        if not self.runs:
+            return cache
+        zero = jnp.int32(0)  # the run form starts without input channel 0
+        next_in = _cm_channel(self._next_in(cache), zero)
+        rest = self._next_out(params, cache.next_out, -next_in, zero, fused=False)
+        return cache._replace(next_out=rest, without=zero)
 
     def _next_in(self, cache: ChannelCache) -> jax.Array:
         return cache.owner_out if cache.next_in is None else cache.next_in
@@ -226,7 +259,8 @@ class Incremental:
         h = new_k
         for layer in layers[self.k + 1 : self.m]:
             h = layer.one_channel(params, h, o)
-        nxt = h - _cm_channel(self._next_in(cache), o) if self.linear_m else h
+        subtract = self.linear_m and not self.runs
+        nxt = h - _cm_channel(self._next_in(cache), o) if subtract else h
         return ChannelAux(o, new_k, h, nxt)
 
     def _fused(self, params, next_out: jax.Array) -> bool:
@@ -240,21 +274,31 @@ class Incremental:
         out = jax.eval_shape(lambda h: after[0](params, h), next_out)
         return math.prod(out.shape) < next_out.size
 
-    def _next_out(self, params, next_out: jax.Array | None, change: jax.Array, o) -> jax.Array:
+    def _next_out(self, params, next_out, change: jax.Array, o, fused=None) -> jax.Array:
         """Layer m's output after its input channel ``o`` changes by ``change``."""
         assert next_out is not None  # cached whenever layer m is linear
-        fused = self._fused(params, next_out)
+        fused = self._fused(params, next_out) if fused is None else fused
         return self.stack.layers[self.m].add_input_channel(params, next_out, change, o, fused)
 
-    def _loss(self, params, cache: ChannelCache, aux: ChannelAux) -> jax.Array:
+    def _without(self, params, cache: ChannelCache, o) -> jax.Array:
+        """Run form: layer m's output less what input channel ``o`` contributes."""
+
+        def move():  # channel `without` back in, channel o out: a new run
+            next_in, r = self._next_in(cache), cache.without
+            out = self._next_out(params, cache.next_out, _cm_channel(next_in, r), r, fused=False)
+            return self._next_out(params, out, -_cm_channel(next_in, o), o, fused=False)
+
+        return jax.lax.cond(o == cache.without, lambda: cache.next_out, move)
+
+    def _loss(self, params, cache: ChannelCache, next_out, aux: ChannelAux) -> jax.Array:
         o = aux.channel
         if self.linear_m:
-            out = self._next_out(params, cache.next_out, aux.next_change, o)
+            out = self._next_out(params, next_out, aux.next_change, o)
             return self.stack.from_layer(self.m + 1, params, out)
         h = jnp.moveaxis(_cm_set(self._next_in(cache), o, aux.next_change), 0, -1)
         return self.stack.from_layer(self.m, params, h)
 
-    def scores(self, params, cache: ChannelCache, change: Change) -> tuple[jax.Array, ChannelAux]:
+    def scores(self, params, cache: ChannelCache, change: Change):
         n = change.values.shape[0]
         # the one-channel paths first, materialised (small): otherwise XLA recomputes them
         # inside every consumer fusion, and reads of the cache after its in-place update
@@ -266,27 +310,36 @@ class Incremental:
             ),
             change.flat_index,
         )
+        next_out = cache.next_out
+        if self.runs:
+            next_out = self._without(params, cache, change.flat_index % self.target.shape[-1])
         # the full layers once per candidate (a static unroll: on CPU a vmap over the
         # candidates was measured slower, 17.2 against 14.9 ms for three on the paper net)
         one = lambda c: jax.tree.map(lambda x: x[c], aux)
-        return jnp.stack([self._loss(params, cache, one(c)) for c in range(n)]), aux
+        losses = jnp.stack([self._loss(params, cache, next_out, one(c)) for c in range(n)])
+        return losses, IncrementalAux(aux, next_out if self.runs else None)
 
-    def commit(self, params, cache: ChannelCache, aux: ChannelAux, apply) -> ChannelCache:
-        """Write the moved channel where ``apply``; slice-sized selects, no full-width copy."""
-        o = aux.channel
+    def commit(self, params, cache: ChannelCache, aux: IncrementalAux, kept, apply):
+        """Write the kept candidate's channel where ``apply``; slice-sized selects, no
+        full-width copy (and, in the run form, nothing of layer m's size)."""
+        one = jax.tree.map(lambda x: x[kept], aux.candidates)
+        o = one.channel
 
         def keep(x, new):
             return _cm_set(x, o, jnp.where(apply, new, _cm_channel(x, o)))
 
-        next_out = cache.next_out
-        if self.linear_m:  # the channel's change only where applied (else exact zeros)
-            change = jnp.where(apply, aux.next_change, 0.0)
+        next_out, without = cache.next_out, cache.without
+        if self.runs:  # the candidates' base: without channel o, whichever is kept
+            next_out, without = aux.next_out, o.astype(jnp.int32)
+        elif self.linear_m:  # the channel's change only where applied (else exact zeros)
+            change = jnp.where(apply, one.next_change, 0.0)
             next_out = self._next_out(params, next_out, change, o)
         return ChannelCache(
             owner_in=cache.owner_in,
-            owner_out=keep(cache.owner_out, aux.owner_out),
-            next_in=None if cache.next_in is None else keep(cache.next_in, aux.next_in),
+            owner_out=keep(cache.owner_out, one.owner_out),
+            next_in=None if cache.next_in is None else keep(cache.next_in, one.next_in),
             next_out=next_out,
+            without=without,
         )
 
 
@@ -317,12 +370,12 @@ class Sampled:
 
     def scores(self, params: Any, cache: StackInput, change: Change) -> tuple[jax.Array, NoAux]:
         tail = self.stack.tail(self.k, cache.owner_in, self.stack.rows(change.key))
-        if self.incremental:
-            inc = Incremental(tail, 0, self.target)
+        if self.incremental:  # a fresh cache per weight: no run form
+            inc = Incremental(tail, 0, dataclasses.replace(self.target, run=1))
             return inc.scores(params, inc.start(params), change)[0], NoAux()
         return _each_candidate(tail, self.target, params, change), NoAux()
 
-    def commit(self, params: Any, cache: StackInput, aux: NoAux, apply: jax.Array) -> StackInput:
+    def commit(self, params: Any, cache: StackInput, aux: NoAux, kept, apply) -> StackInput:
         return cache
 
 

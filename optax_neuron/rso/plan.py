@@ -86,6 +86,14 @@ class Plan:
             rest = rest // size
         return flat
 
+    def run(self, t: int) -> int:
+        """How many positions in a row of visited leaf ``t`` share the index of its last axis:
+        all of one index when that axis is visited outermost (the neuron order), else 1."""
+        shape = self.shapes[t]
+        if not shape or self.strides[t][0] != 1:
+            return 1
+        return int(self.sizes[t]) // shape[-1]
+
 
 def _axis_order(shape: tuple[int, ...], axes: tuple[int, ...], within: str) -> list[int]:
     nd = len(shape)

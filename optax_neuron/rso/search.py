@@ -101,7 +101,7 @@ class Search:
     def evaluator(self, t: int):
         plan = self.plan
         i = plan.visit[t]
-        target = Target(plan.treedef, i, plan.paths[i], plan.shapes[t])
+        target = Target(plan.treedef, i, plan.paths[i], plan.shapes[t], plan.run(t))
         k = None if self.owner is None else self.owner[t]
         return make_evaluator(self.value_fn, self.per_weight_batch, self.fast_path, k, target)
 
@@ -127,7 +127,6 @@ def _segment(s: Search, t: int, d: rule.Draws, c: Carry) -> Carry:
         losses = losses.astype(lc.loss.dtype)
         ch = rule.choose(losses[0] if s.rescore else lc.loss, losses[-2], losses[-1])
         kept = jnp.where(ch.sign > 0, 1, jnp.where(ch.sign < 0, 2, 0)) - (not s.rescore)
-        kept_aux = jax.tree.map(lambda a: a[jnp.maximum(kept, 0)], aux)
         u_new = u_d + (ch.sign * dw).astype(u_d.dtype)
         return LeafCarry(
             cursor=lc.cursor + 1,
@@ -136,7 +135,9 @@ def _segment(s: Search, t: int, d: rule.Draws, c: Carry) -> Carry:
             upd=set_element(lc.upd, idx, u_new),
             accepted=lc.accepted + ch.accepted.astype(jnp.int32),
             loss=ch.best,
-            cache=ev.commit(params(lc.work), lc.cache, kept_aux, ch.accepted | s.decay),
+            cache=ev.commit(
+                params(lc.work), lc.cache, aux, jnp.maximum(kept, 0), ch.accepted | s.decay
+            ),
         )
 
     cache = ev.start(s.tree_of(c.work))
