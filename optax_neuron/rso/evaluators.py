@@ -250,7 +250,7 @@ class Incremental:
         owner = layers[self.k]
         o = change.flat_index % self.target.shape[-1]  # the channel: the leaf's last axis
         if isinstance(owner, LinearLayer):
-            _, col = owner.column_cm(cache.owner_in, self.target.shape, change.flat_index)
+            _, col = owner.column(cache.owner_in, self.target.shape, change.flat_index)
             delta = change.deltas[c].astype(cache.owner_out.dtype)
             new_k = _cm_channel(cache.owner_out, o) + delta * col
         else:

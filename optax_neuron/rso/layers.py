@@ -206,7 +206,7 @@ class LinearLayer:
     In a :class:`LayerStack` searched with ``fast_path="incremental"``, a candidate
     change ``delta`` of one kernel element ``W[.., i, o]`` is applied to the cached
     output as ``out[..., o] += delta * column``, where ``column`` is the slice of the
-    layer input that the element multiplies (:meth:`add_column`), and a change ``d``
+    layer input that the element multiplies (:meth:`column`), and a change ``d``
     of input channel ``i`` alone adds ``A(W[..., i:i+1, :], d)`` to the output
     (:meth:`add_input_channel`), instead of re-running the layer.
     """
@@ -228,37 +228,12 @@ class LinearLayer:
     def _pads(self, kshape):
         return conv_padding(kshape[:2], self.padding)
 
-    def column(self, h, kshape, flat_index):
-        """(output channel ``o``, the slice of ``h`` that ``W.flat[flat_index]`` multiplies)."""
-        if self.kind == "dense":
-            i, o = flat_index // kshape[1], flat_index % kshape[1]
-            return o, jax.lax.dynamic_index_in_dim(h, i, axis=h.ndim - 1, keepdims=True)
-        kh, kw, cin, cout = kshape
-        a = flat_index // (kw * cin * cout)
-        b = (flat_index // (cin * cout)) % kw
-        i = (flat_index // cout) % cin
-        o = flat_index % cout
-        hp = jnp.pad(h, ((0, 0), *self._pads(kshape), (0, 0)))
-        n = h.shape[0]
-        ho = hp.shape[1] - kh + 1
-        wo = hp.shape[2] - kw + 1
-        zero = jnp.zeros_like(a)  # the index type of a, b, i (a Python 0 is int64 with x64)
-        return o, jax.lax.dynamic_slice(hp, (zero, a, b, i), (n, ho, wo, 1))
-
-    def add_column(self, out, h, kshape, flat_index, delta, apply=True):
-        """``out`` plus the effect of ``W.flat[flat_index] += delta`` (where ``apply``)."""
-        o, col = self.column(h, kshape, flat_index)
-        cur = jax.lax.dynamic_index_in_dim(out, o, axis=out.ndim - 1, keepdims=True)
-        new = jnp.where(apply, cur + delta.astype(out.dtype) * col, cur)
-        return jax.lax.dynamic_update_index_in_dim(out, new, o, axis=out.ndim - 1)
-
-    def column_cm(self, h_cm, kshape, flat_index):
-        """As :meth:`column`, from the input stored channel-major (channel axis first).
-
-        One input channel is then one contiguous block: reading it touches ``1/C`` of
-        the activation instead of every cache line of a channels-last array.
-        Returns ``(o, column)`` with ``column`` of shape ``(N, ..., 1)``.
-        """
+    def column(self, h_cm, kshape, flat_index):
+        """``(o, column)``: the output channel ``o`` of ``W.flat[flat_index]`` and the slice
+        of the layer input that this element multiplies, ``(N, ..., 1)``, from the input
+        stored channel-major (channel axis first): one input channel is then one contiguous
+        block, and reading it touches ``1/C`` of the activation instead of every cache line
+        of a channels-last array."""
         if self.kind == "dense":
             i, o = flat_index // kshape[1], flat_index % kshape[1]
             return o, jax.lax.dynamic_index_in_dim(h_cm, i, axis=0, keepdims=False)[..., None]
