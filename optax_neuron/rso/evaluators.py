@@ -175,6 +175,15 @@ class ChannelAux(NamedTuple):
     next_change: jax.Array
 
 
+class ChannelReads(NamedTuple):
+    """The cache's slices one weight's candidates read: the owner's input (its column, for a
+    linear owner) and output at channel ``o``, and layer m's input at channel ``o``."""
+
+    owner_in: jax.Array
+    owner_out: jax.Array
+    next_in: jax.Array
+
+
 class IncrementalAux(NamedTuple):
     """The candidates' channels (leading axis: the candidates) and, in the run form, layer
     m's output without the weight's channel, which the candidates were added to."""
@@ -244,24 +253,34 @@ class Incremental:
     def _next_in(self, cache: ChannelCache) -> jax.Array:
         return cache.owner_out if cache.next_in is None else cache.next_in
 
-    def _channel(self, params, cache: ChannelCache, change: Change, c: int) -> ChannelAux:
+    def _reads(self, cache: ChannelCache, change: Change) -> ChannelReads:
+        """What every candidate of the weight reads of the cache: slices, one channel each."""
+        owner = self.stack.layers[self.k]
+        o = change.flat_index % self.target.shape[-1]  # the channel: the leaf's last axis
+        if isinstance(owner, LinearLayer):
+            _, owner_in = owner.column(cache.owner_in, self.target.shape, change.flat_index)
+        else:
+            owner_in = _cm_channel(cache.owner_in, o)
+        return ChannelReads(
+            owner_in, _cm_channel(cache.owner_out, o), _cm_channel(self._next_in(cache), o)
+        )
+
+    def _channel(self, params, reads: ChannelReads, change: Change, c: int) -> ChannelAux:
         """Candidate ``c``'s channel ``o`` after layers ``k .. m-1`` (and layer m's change)."""
         layers: Any = self.stack.layers
         owner = layers[self.k]
-        o = change.flat_index % self.target.shape[-1]  # the channel: the leaf's last axis
+        o = change.flat_index % self.target.shape[-1]
         if isinstance(owner, LinearLayer):
-            _, col = owner.column(cache.owner_in, self.target.shape, change.flat_index)
-            delta = change.deltas[c].astype(cache.owner_out.dtype)
-            new_k = _cm_channel(cache.owner_out, o) + delta * col
+            delta = change.deltas[c].astype(reads.owner_out.dtype)
+            new_k = reads.owner_out + delta * reads.owner_in
         else:
             moved = self.target.moved(params, change.flat_index, change.values[c])
-            new_k = owner.one_channel(moved, _cm_channel(cache.owner_in, o), o)
+            new_k = owner.one_channel(moved, reads.owner_in, o)
         h = new_k
         for layer in layers[self.k + 1 : self.m]:
             h = layer.one_channel(params, h, o)
         subtract = self.linear_m and not self.runs
-        nxt = h - _cm_channel(self._next_in(cache), o) if subtract else h
-        return ChannelAux(o, new_k, h, nxt)
+        return ChannelAux(o, new_k, h, h - reads.next_in if subtract else h)
 
     def _fused(self, params, next_out: jax.Array) -> bool:
         """Whether layer m's change is left for XLA to fuse into the layer after m: that layer
@@ -302,11 +321,14 @@ class Incremental:
         n = change.values.shape[0]
         # the one-channel paths first, materialised (small): otherwise XLA recomputes them
         # inside every consumer fusion, and reads of the cache after its in-place update
-        # force it to copy the cached activations on every weight
+        # force it to copy the cached activations on every weight. The slices they read are
+        # materialised apart: inside the candidates' loops, each element of a dynamic slice
+        # cost as much as a whole candidate's arithmetic
+        reads = materialised(lambda: self._reads(cache, change), change.flat_index)
         aux = materialised(
             lambda: jax.tree.map(
                 lambda *xs: jnp.stack(xs),
-                *[self._channel(params, cache, change, c) for c in range(n)],
+                *[self._channel(params, reads, change, c) for c in range(n)],
             ),
             change.flat_index,
         )
