@@ -32,6 +32,10 @@ one process, ``--repeats`` times; the medians are printed.
     python benchmarks/bench_rso.py                  # full run (the plain loop is long)
     python benchmarks/bench_rso.py --no-plain --batches 256 --weight-batches ''  # cycle, floor
     python benchmarks/bench_rso.py --quick  # smoke: 1 block of 1 channel, batch 32, 512 images
+    python benchmarks/bench_rso.py --no-plain --batches 256 --weight-batches '' --by-call
+
+``--by-call`` also times one cycle of the first application row call by call (two rounds),
+each call against the floor of its own weights: where the time above the floor goes.
 """
 
 from __future__ import annotations
@@ -227,6 +231,20 @@ class AppCycle:
         self.done += 1
         return time.perf_counter() - t
 
+    def call_seconds(self) -> list[float]:
+        """One cycle, each of its jitted calls timed (the batches drawn from a fixed shuffle)."""
+        perm = jax.random.permutation(jax.random.key(self.done), self.x.shape[0])
+        times = []
+        for c in range(self.search.calls):
+            t = time.perf_counter()
+            self.params, self.state = self.search._step(
+                self.params, self.state, self.x, self.y, perm, c
+            )
+            jax.block_until_ready(self.params)
+            times.append(time.perf_counter() - t)
+        self.done += 1
+        return times
+
 
 # ----------------------------------------------------------------------------- the floor
 
@@ -272,6 +290,7 @@ class Floor:
         self.params, self.stack, self.acts = params, stack, acts
         self.leaves = [(min(owner[i], len(stack.layers) - 1), int(plan.sizes[t]))
                        for t, i in enumerate(plan.visit)]  # fmt: skip
+        self.paths = [plan.paths[i] for i in plan.visit]
         self.loops = {}
         for k, _ in self.leaves:
             start = _suffix_start(list(stack.layers), k)
@@ -293,13 +312,28 @@ class Floor:
 
         return loop
 
-    def seconds(self) -> float:
-        """The floor of one whole cycle (every searched weight), measured."""
+    def seconds(self, lo: int = 0, hi: int | None = None) -> float:
+        """The floor of the weights at cycle positions ``lo .. hi - 1`` (default: the whole
+        cycle), measured."""
         t = time.perf_counter()
-        for k, n in self.leaves:
-            start = _suffix_start(list(self.stack.layers), k)
-            jax.block_until_ready(self.loops[start](self.params, self.acts[start], n))
+        for first, (k, n) in zip(self._starts(), self.leaves, strict=True):
+            count = min(first + n, hi if hi is not None else first + n) - max(first, lo)
+            if count > 0:
+                start = _suffix_start(list(self.stack.layers), k)
+                jax.block_until_ready(self.loops[start](self.params, self.acts[start], count))
         return time.perf_counter() - t
+
+    def _starts(self) -> list[int]:
+        return list(itertools.accumulate([n for _, n in self.leaves], initial=0))[:-1]
+
+    def leaves_in(self, lo: int, hi: int) -> str:
+        """The visited leaves with weights at positions ``lo .. hi - 1``, with their counts."""
+        parts = []
+        for first, path, (_, n) in zip(self._starts(), self.paths, self.leaves, strict=True):
+            count = min(first + n, hi) - max(first, lo)
+            if count > 0:
+                parts.append(f"{path} {count}")
+        return ", ".join(parts)
 
     def start_seconds(self, repeats: int = 5) -> float:
         """One forward pass that fills an evaluator's cache (median of ``repeats``)."""
@@ -317,6 +351,25 @@ def _shared_owner_leaves(app: AppCycle) -> int:
     paths = list(app.search.state.rso_sigma)
     parents = [p.rsplit("/", 1)[0] for p in paths]
     return sum(a == b for a, b in itertools.pairwise(parents))
+
+
+def _print_by_call(key: tuple, app: AppCycle, rounds: int) -> None:
+    """The calls of one cycle, each against the floor of its weights (medians of ``rounds``)."""
+    floor, chunk = Floor(app, key[1]), app.search.chunk
+    calls: list = [[] for _ in range(app.search.calls)]
+    floors: list = [[] for _ in range(app.search.calls)]
+    for _ in range(rounds):
+        for c, t in enumerate(app.call_seconds()):
+            calls[c].append(t)
+        for c in range(app.search.calls):
+            floors[c].append(floor.seconds(c * chunk, (c + 1) * chunk))
+    print(f"\ncalls of one cycle, fresh batch per {key[0]}, batch {key[1]} (medians of {rounds})")
+    print("| call | weights (leaf count) | s | floor s | above the floor, ms per weight |")
+    print("|---:|---|---:|---:|---:|")
+    for c in range(app.search.calls):
+        t, f = statistics.median(calls[c]), statistics.median(floors[c])
+        leaves = floor.leaves_in(c * chunk, (c + 1) * chunk)
+        print(f"| {c} | {leaves} | {t:.3f} | {f:.3f} | {(t - f) / chunk * 1e3:.2f} |")
 
 
 # ------------------------------------------------------------------------------ main
@@ -351,6 +404,12 @@ def main(argv=None):
     ap.add_argument("--only-plain", action="store_true", help="time the plain loop alone")
     ap.add_argument(
         "--no-floor", action="store_true", help="skip the floor (three suffix passes per weight)"
+    )
+    ap.add_argument(
+        "--by-call",
+        action="store_true",
+        help="also time one cycle of the first application row call by call, each call "
+        "against the floor of its own weights (where the time above the floor goes)",
     )
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -426,6 +485,8 @@ def main(argv=None):
                     f"{extra:.3f} s more per cycle than one per owner layer",
                     flush=True,
                 )
+    if args.by_call and not args.no_floor:
+        _print_by_call(*next(iter(apps.items())), rounds=2)
     print("| method | batch | s/cycle | plain loop / method | floor s/cycle | cycle / floor |")
     print("|---|---:|---:|---:|---:|---:|")
     if plain is not None:

@@ -9,6 +9,7 @@ ratios, and that the memory table of the update-step benchmark matches the
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_mnist_training_quick(capsys):
 def test_rso_quick(capsys):
     import bench_rso
 
-    results = bench_rso.main(["--quick"])
+    results = bench_rso.main(["--quick", "--by-call"])
     out = capsys.readouterr().out
     assert set(results) == {"plain", "chunk@32"}
     assert all(math.isfinite(t) and t > 0 for t in results.values())
@@ -94,6 +95,15 @@ def test_rso_quick(capsys):
     assert row[1] == "32" and float(row[3].rstrip("x")) == pytest.approx(
         results["plain"] / results["chunk@32"], abs=0.051
     )
+    # the calls of one cycle: every searched weight in exactly one call, times measured
+    calls = [
+        [c.strip() for c in line.split("|")[1:-1]]
+        for line in out.splitlines()
+        if re.match(r"\| \d+ \| ", line)
+    ]
+    counts = [int(p.rsplit(" ", 1)[1]) for c in calls for p in c[1].split(", ")]
+    assert len(calls) >= 1 and sum(counts) == 21  # 1 block of 1 channel: 9 + 1 + 1 + 10
+    assert all(float(c[2]) > 0 and float(c[3]) > 0 for c in calls)
 
 
 def test_rso_conv_quick(capsys):
