@@ -301,16 +301,18 @@ class Incremental:
 
     def _without(self, params, cache: ChannelCache, o) -> jax.Array:
         """Run form: layer m's output less what input channel ``o`` contributes."""
+        next_in, r = self._next_in(cache), cache.without
+        assert cache.next_out is not None and r is not None  # both kept in the run form
 
-        def move(state):  # channel `without` back in, channel o out: a new run
+        def move(state):  # channel r back in, channel o out: a new run
             out, _ = state
-            next_in, r = self._next_in(cache), cache.without
             out = self._next_out(params, out, _cm_channel(next_in, r), r, fused=False)
             return self._next_out(params, out, -_cm_channel(next_in, o), o, fused=False), False
 
         # a loop taken once or never, not a lax.cond: a loop updates its carry in place, where
         # XLA copied the whole output into and out of the cond's result on every weight
-        return jax.lax.while_loop(lambda s: s[1], move, (cache.next_out, o != cache.without))[0]
+        out, _ = jax.lax.while_loop(lambda s: s[1], move, (cache.next_out, o != r))
+        return out
 
     def _loss(self, params, cache: ChannelCache, next_out, aux: ChannelAux) -> jax.Array:
         o = aux.channel
