@@ -316,24 +316,25 @@ class Floor:
         """The floor of the weights at cycle positions ``lo .. hi - 1`` (default: the whole
         cycle), measured."""
         t = time.perf_counter()
-        for first, (k, n) in zip(self._starts(), self.leaves, strict=True):
-            count = min(first + n, hi if hi is not None else first + n) - max(first, lo)
-            if count > 0:
-                start = _suffix_start(list(self.stack.layers), k)
-                jax.block_until_ready(self.loops[start](self.params, self.acts[start], count))
+        for _, k, count in self._overlaps(lo, hi):
+            start = _suffix_start(list(self.stack.layers), k)
+            jax.block_until_ready(self.loops[start](self.params, self.acts[start], count))
         return time.perf_counter() - t
 
-    def _starts(self) -> list[int]:
-        return list(itertools.accumulate([n for _, n in self.leaves], initial=0))[:-1]
+    def _overlaps(self, lo: int, hi: int | None) -> list[tuple[str, int, int]]:
+        """``(path, owner layer, weights)`` of every visited leaf with weights at cycle
+        positions ``lo .. hi - 1`` (``hi=None``: to the end of the cycle)."""
+        out, first = [], 0
+        for path, (k, n) in zip(self.paths, self.leaves, strict=True):
+            count = min(first + n, first + n if hi is None else hi) - max(first, lo)
+            if count > 0:
+                out.append((path, k, count))
+            first += n
+        return out
 
     def leaves_in(self, lo: int, hi: int) -> str:
         """The visited leaves with weights at positions ``lo .. hi - 1``, with their counts."""
-        parts = []
-        for first, path, (_, n) in zip(self._starts(), self.paths, self.leaves, strict=True):
-            count = min(first + n, hi) - max(first, lo)
-            if count > 0:
-                parts.append(f"{path} {count}")
-        return ", ".join(parts)
+        return ", ".join(f"{path} {count}" for path, _, count in self._overlaps(lo, hi))
 
     def start_seconds(self, repeats: int = 5) -> float:
         """One forward pass that fills an evaluator's cache (median of ``repeats``)."""

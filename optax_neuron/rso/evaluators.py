@@ -5,9 +5,8 @@ An evaluator serves one searched leaf (a *segment* of the search) and has three 
 * ``start(params) -> cache``: once per segment, the activations it reuses (a NamedTuple);
 * ``scores(params, cache, change) -> (losses, aux)``: the loss of every candidate of
   one weight, ``change`` (a :class:`Change`) naming the element and its candidate
-  values; ``params`` hold the element at its committed value. ``aux`` holds, per
-  candidate, what the cache needs to keep that candidate (a NamedTuple, leading axis
-  the candidates);
+  values; ``params`` hold the element at its committed value. ``aux`` holds what the
+  cache needs to keep any one candidate (a NamedTuple);
 * ``commit(params, cache, aux, kept, apply) -> cache``: the cache after candidate
   ``kept`` (an index into the candidates) is kept, where ``apply`` (else the cache as
   the weight's scores leave it: the candidates' values are not written).
@@ -177,11 +176,12 @@ class ChannelAux(NamedTuple):
 
 class ChannelReads(NamedTuple):
     """The cache's slices one weight's candidates read: the owner's input (its column, for a
-    linear owner) and output at channel ``o``, and layer m's input at channel ``o``."""
+    linear owner) and output at channel ``o``, and layer m's input at channel ``o`` where
+    layer m receives the channel's change."""
 
     owner_in: jax.Array
     owner_out: jax.Array
-    next_in: jax.Array
+    next_in: jax.Array | None
 
 
 class IncrementalAux(NamedTuple):
@@ -253,23 +253,28 @@ class Incremental:
     def _next_in(self, cache: ChannelCache) -> jax.Array:
         return cache.owner_out if cache.next_in is None else cache.next_in
 
+    def _channel_of(self, change: Change) -> jax.Array:
+        """The output channel ``o`` the weight moves: its index on the leaf's last axis."""
+        return change.flat_index % self.target.shape[-1]
+
     def _reads(self, cache: ChannelCache, change: Change) -> ChannelReads:
         """What every candidate of the weight reads of the cache: slices, one channel each."""
         owner = self.stack.layers[self.k]
-        o = change.flat_index % self.target.shape[-1]  # the channel: the leaf's last axis
+        o = self._channel_of(change)
         if isinstance(owner, LinearLayer):
             _, owner_in = owner.column(cache.owner_in, self.target.shape, change.flat_index)
         else:
             owner_in = _cm_channel(cache.owner_in, o)
-        return ChannelReads(
-            owner_in, _cm_channel(cache.owner_out, o), _cm_channel(self._next_in(cache), o)
-        )
+        # the old value of layer m's input channel, where layer m receives the channel's change
+        subtracts = self.linear_m and not self.runs
+        next_in = _cm_channel(self._next_in(cache), o) if subtracts else None
+        return ChannelReads(owner_in, _cm_channel(cache.owner_out, o), next_in)
 
     def _channel(self, params, reads: ChannelReads, change: Change, c: int) -> ChannelAux:
         """Candidate ``c``'s channel ``o`` after layers ``k .. m-1`` (and layer m's change)."""
         layers: Any = self.stack.layers
         owner = layers[self.k]
-        o = change.flat_index % self.target.shape[-1]
+        o = self._channel_of(change)
         if isinstance(owner, LinearLayer):
             delta = change.deltas[c].astype(reads.owner_out.dtype)
             new_k = reads.owner_out + delta * reads.owner_in
@@ -279,8 +284,7 @@ class Incremental:
         h = new_k
         for layer in layers[self.k + 1 : self.m]:
             h = layer.one_channel(params, h, o)
-        subtract = self.linear_m and not self.runs
-        return ChannelAux(o, new_k, h, h - reads.next_in if subtract else h)
+        return ChannelAux(o, new_k, h, h if reads.next_in is None else h - reads.next_in)
 
     def _fused(self, params, next_out: jax.Array) -> bool:
         """Whether layer m's change is left for XLA to fuse into the layer after m: that layer
@@ -339,7 +343,7 @@ class Incremental:
         )
         next_out = cache.next_out
         if self.runs:
-            next_out = self._without(params, cache, change.flat_index % self.target.shape[-1])
+            next_out = self._without(params, cache, self._channel_of(change))
         # the full layers once per candidate (a static unroll: on CPU a vmap over the
         # candidates was measured slower, 17.2 against 14.9 ms for three on the paper net)
         one = lambda c: jax.tree.map(lambda x: x[c], aux)
